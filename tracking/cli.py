@@ -1,0 +1,68 @@
+"""The ``smartify`` command line: one entry point, one subcommand per module in ``tracking.commands``.
+
+Each command module defines ``register(subparsers)``, which adds its parser and sets
+``func=run`` where ``run(args) -> int`` returns the exit code. Bad input raises
+:class:`recon.errors.InputError` (or ``FileNotFoundError``) and is reported as one line with exit
+code 2; nothing here falls back silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from typing import Sequence
+
+from recon.errors import InputError
+
+# Order is the order of ``smartify --help``.
+COMMAND_MODULES = (
+    "synth",
+    "evaluate",
+)
+
+EPILOG = """examples:
+  smartify synth /tmp/data --preset tiny
+  smartify evaluate --leaderboard /tmp/data/leaderboard --baselines
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="smartify",
+        description="Experiment tracking around PromptMR+ for the SNU FastMRI Challenge.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"tracking.commands.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return int(args.func(args) or 0)
+    except (InputError, FileNotFoundError, FileExistsError) as exc:
+        print(f"smartify {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"smartify {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

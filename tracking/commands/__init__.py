@@ -1,0 +1,1 @@
+"""Subcommands of the ``smartify`` CLI: one module each, with ``register(subparsers)``."""
