@@ -130,14 +130,15 @@ def _shift_reference(images: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return padded[..., top:top + h, left:left + w]
 
 
-def test_translation_matches_numpy_reflect_reference() -> None:
+@pytest.mark.parametrize("limit", [0.3, 2.5])  # 2.5: shifts beyond the image size (repeated reflection)
+def test_translation_matches_numpy_reflect_reference(limit: float) -> None:
     k = make_kspace((2, 3, 32, 26), seed=6)
-    anat = AnatomyAugConfig(translation_weight=1, max_translation_x=0.3, max_translation_y=0.3)
+    anat = AnatomyAugConfig(translation_weight=1, max_translation_x=limit, max_translation_y=limit)
     seen = 0
     for seed in range(6):
         res = augmenter(anat)(k, None, "knee", 1.0, np.random.default_rng(seed))
         dy, dx = res.applied["translation_y"], res.applied["translation_x"]
-        assert abs(dx) <= round(0.3 * 26) and abs(dy) <= round(0.3 * 32)
+        assert abs(dx) <= round(limit * 26) and abs(dy) <= round(limit * 32)
         seen += dx != 0 and dy != 0
         expected = _shift_reference(ifft2c(k).numpy(), dy, dx)
         assert np.abs(ifft2c(res.kspace).numpy() - expected).max() < 1e-6 * np.abs(expected).max()

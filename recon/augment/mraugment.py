@@ -228,6 +228,13 @@ def _crop_offset(size: int, crop: int) -> int:
 def _shift_reflect(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     """``out[..., r, c] = x[..., r - dy, c - dx]`` with ``"reflect"`` padding (any shift size)."""
     h, w = x.shape[-2:]
+    if not dy and not dx:
+        return x
+    if abs(dy) < h and abs(dx) < w and x.ndim == 4:
+        # One reflect-padded copy and a view of it (F.pad's "reflect" needs pad < size and a batch axis).
+        padded = F.pad(x, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)), mode="reflect")
+        top, left = max(-dy, 0), max(-dx, 0)
+        return padded[..., top:top + h, left:left + w]
     if dy:
         rows = _reflect_index(torch.arange(h, device=x.device) - dy, h)
         x = x.index_select(-2, rows)
@@ -367,7 +374,8 @@ class MRAugmenter:
     @staticmethod
     def _check(kspace: torch.Tensor, target: torch.Tensor | None, p: float) -> None:
         if not isinstance(kspace, torch.Tensor) or not torch.is_complex(kspace):
-            raise ValueError(f"MRAugment: kspace must be a complex tensor, got {getattr(kspace, 'dtype', type(kspace))}")
+            got = getattr(kspace, "dtype", type(kspace))
+            raise ValueError(f"MRAugment: kspace must be a complex tensor, got {got}")
         if kspace.ndim not in (3, 4) or min(kspace.shape[-2:]) < 2:
             raise ValueError(f"MRAugment: kspace must be (A, C, H, W) or (C, H, W) with H, W >= 2, "
                              f"got {tuple(kspace.shape)}")
