@@ -18,8 +18,9 @@ start comes from ``{0..acc-1} \\ {(W // 2) % acc}`` and a random mask equal to t
 any configured acceleration) is drawn again. (For tiny widths only, an equispaced start whose mask
 coincides with the public pattern of another acceleration is dropped as well.) The team meant to do
 this but compared ``start == W // 2``, which can never hold for ``start < acc`` (pipeline.md 6.3); the
-correct public start is ``(W // 2) % acc``. Kept file masks are public masks by construction (challenge.md 1.2) and are not
-affected: exclusion concerns the replacement draws only; use ``p = 1`` to replace every mask.
+correct public start is ``(W // 2) % acc``. Kept file masks are public masks by construction
+(challenge.md 1.2) and are not affected: exclusion concerns the replacement draws only; use ``p = 1``
+to replace every mask.
 
 Randomness comes only from the ``numpy.random.Generator`` that the caller passes per sample; the
 global NumPy state is never touched. ``p`` comes from the engine's schedule (for the team: the
