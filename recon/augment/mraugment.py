@@ -201,7 +201,8 @@ class AugResult:
         target: real ``(h, w)`` target by the configured rule, or None (``"label"`` rule, no target given).
         applied: the drawn parameters (``p``, ``fliph``, ``flipv``, ``rot90`` (k, 0 = off),
             ``translation_x``/``translation_y`` (pixels), ``rotation``, ``shear_x``, ``shear_y``
-            (degrees), ``scale``; the values of transforms that did not fire are neutral).
+            (degrees), ``scale``, ``affine`` (whether the resampling ran); the values of transforms that
+            did not fire are neutral).
         augmented: whether any transform fired.
     """
 
