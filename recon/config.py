@@ -4,15 +4,17 @@ The machinery here knows no particular schema. A stage configuration is a tree o
 dataclasses (sections) composed by the engine; this module turns YAML into such a tree and back:
 
 1. :func:`load_yaml_layers` reads a YAML file whose optional top-level key ``inherit`` names one or
-   more base files (relative to the file). Bases are deep-merged first, in order, then the file
-   itself on top. Mappings merge key by key; every other value (lists included) is replaced.
+   more base files (relative to the file). Each base is resolved completely, the bases are
+   deep-merged in list order, then the file itself goes on top. Mappings merge key by key; every
+   other value (lists included) is replaced.
 2. :func:`parse_overrides` / :func:`apply_overrides` apply ``dotted.key=value`` items from the
    command line, the value typed by YAML (``lr=2e-4`` is a float, ``dims=[24, 32, 40]`` a list).
 3. :func:`from_dict` builds the dataclass tree, refusing unknown keys (with a suggestion), wrong
    types, values outside a ``Literal`` and missing required keys, then runs each section's optional
    ``validate()`` method. Keys given for a section override that field's *default instance* (e.g.
-   a preset such as ``p_aug: RampScheduleConfig = P_AUG``), not the section class's defaults. Every refusal is a one-line :class:`~recon.errors.InputError` that names
-   the dotted key and, when known, the file the value came from.
+   a preset such as ``p_aug: RampScheduleConfig = P_AUG``), not the section class's defaults.
+   Every refusal is a one-line :class:`~recon.errors.InputError` that names the dotted key and,
+   when known, the file the value came from.
 4. :func:`to_dict` / :func:`flatten` / :func:`dump_yaml` give the resolved configuration back as
    plain data (saved with every checkpoint), as flat stable names (tracking params) and as a file.
 
@@ -20,8 +22,9 @@ Supported field types: ``int``, ``float`` (ints accepted), ``bool`` (never 0/1),
 ``pathlib.Path`` (from a string), ``Optional[X]`` / ``X | None``, other unions (first arm that
 fits), ``Literal[...]``, ``tuple[X, ...]``, fixed ``tuple[X, Y]``, ``list[X]``, ``dict[str, X]``,
 nested dataclasses and ``Any``. A section may define ``validate(self) -> None`` raising
-``ValueError`` with a plain message; it is reported with the section's key path. Annotations are resolved with :func:`typing.get_type_hints`, so
-``from __future__ import annotations`` works (sections must be defined at module level).
+``ValueError`` with a plain message; it is reported with the section's key path. Annotations
+are resolved with :func:`typing.get_type_hints`, so ``from __future__ import annotations`` works
+(sections must be defined at module level).
 
 YAML note: PyYAML follows YAML 1.1, where ``2e-4`` (no dot) is a *string*. The loader here also
 reads such exponent forms as floats, because learning rates are written that way.

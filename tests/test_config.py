@@ -315,6 +315,7 @@ def test_schema_bug_is_a_type_error() -> None:
 
 def test_round_trip_to_dict_from_dict(stage_files: Path, tmp_path: Path) -> None:
     cfg, resolved = load_config(Stage, stage_files)
+    assert to_dict(cfg) == resolved
     assert from_dict(Stage, resolved) == cfg
     # Through YAML on disk and through a weights_only checkpoint.
     out = dump_yaml(resolved, tmp_path / "run" / "config.yaml")
