@@ -15,8 +15,8 @@ Global state is touched in two places only, both for the entry point / engine:
   with a checkpoint, as plain tensors, ints, floats, strings, lists and dicts, so the result
   loads with ``torch.load(weights_only=True)``.
 
-:class:`WorkerSeeder` seeds the global generators inside each DataLoader worker (per worker and
-per rank) for third-party code that still uses them.
+:func:`worker_init_fn` and :class:`WorkerSeeder` seed the global generators inside each DataLoader
+worker (per worker, epoch and rank) for third-party code that still uses them.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ __all__ = [
     "derive_seed",
     "sample_rng",
     "torch_generator",
+    "worker_init_fn",
     "WorkerSeeder",
     "capture_rng_state",
     "restore_rng_state",
@@ -120,6 +121,35 @@ def torch_generator(seed: int, device: str | torch.device = "cpu") -> torch.Gene
     return gen
 
 
+def _seed_worker_globals(base: int, rank: int, worker_id: int) -> None:
+    info = torch.utils.data.get_worker_info()
+    torch_seed = int(info.seed) if info is not None else 0
+    seed = derive_seed(base, "worker", rank, worker_id, torch_seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def _current_rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return int(torch.distributed.get_rank())
+    return int(os.environ.get("RANK", "0"))
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Plain ``worker_init_fn``: seeds the worker's global RNGs per worker, epoch and rank.
+
+    The seed mixes torch's ``worker_info.seed`` (drawn from the DataLoader's ``generator``, so pass
+    a seeded one for reproducibility) with the worker id and the rank (from an initialised
+    ``torch.distributed`` group, else the ``RANK`` environment variable, else 0). Use
+    :class:`WorkerSeeder` to give the experiment seed and rank explicitly.
+
+    Args:
+        worker_id: the id torch passes to ``worker_init_fn``.
+    """
+    _seed_worker_globals(0, _current_rank(), worker_id)
+
+
 @dataclass(frozen=True)
 class WorkerSeeder:
     """``worker_init_fn`` for a DataLoader: seeds the worker's global RNGs per worker and per rank.
@@ -144,12 +174,7 @@ class WorkerSeeder:
         Args:
             worker_id: the id torch passes to ``worker_init_fn``.
         """
-        info = torch.utils.data.get_worker_info()
-        torch_seed = int(info.seed) if info is not None else 0
-        seed = derive_seed(self.base_seed, "worker", self.rank, worker_id, torch_seed)
-        torch.manual_seed(seed)
-        np.random.seed(seed % 2**32)
-        random.seed(seed)
+        _seed_worker_globals(self.base_seed, self.rank, worker_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,14 +217,18 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     """Restore the generators saved by :func:`capture_rng_state`.
 
     CUDA states are restored when CUDA is available with the same number of devices; otherwise
-    they are skipped with a warning (a checkpoint moved to another machine).
+    they are skipped with a warning (a checkpoint moved to another machine). An empty dict (a
+    checkpoint saved without RNG state) restores nothing.
 
     Args:
-        state: the dict from :func:`capture_rng_state` (possibly through save/load).
+        state: the dict from :func:`capture_rng_state` (possibly through save/load), or ``{}``.
 
     Raises:
         ValueError: the dict is not a state of this format.
     """
+    if isinstance(state, dict) and not state:
+        log.info("no RNG state to restore")
+        return
     try:
         version = state["version"]
         torch_state, cuda, np_state, py_state = state["torch"], state["cuda"], state["numpy"], state["python"]

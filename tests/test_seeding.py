@@ -22,6 +22,7 @@ from recon.seeding import (
     sample_rng,
     seed_everything,
     torch_generator,
+    worker_init_fn,
 )
 
 
@@ -99,7 +100,8 @@ class _Draws(Dataset):
 def _run_loader(workers: int, rank: int) -> dict[int, tuple[float, float]]:
     gen = torch.Generator().manual_seed(derive_seed(5, "loader", 0))
     loader = DataLoader(
-        _Draws(), batch_size=None, num_workers=workers, worker_init_fn=WorkerSeeder(5, rank), generator=gen
+        _Draws(), batch_size=None, num_workers=workers, worker_init_fn=WorkerSeeder(5, rank), generator=gen,
+        multiprocessing_context="fork",
     )
     return {int(i): (float(a), float(b)) for i, a, b in loader}
 
@@ -112,6 +114,21 @@ def test_worker_seeder_per_rank_and_sample_streams_per_worker_count() -> None:
     # Worker global seeds are reproducible, and differ by rank.
     assert again == two
     assert {v[1] for v in other_rank.values()}.isdisjoint({v[1] for v in two.values()})
+
+
+def test_plain_worker_init_fn_uses_rank_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    def run(rank: str) -> dict[int, tuple[float, float]]:
+        monkeypatch.setenv("RANK", rank)  # read in the (forked) workers
+        gen = torch.Generator().manual_seed(3)
+        loader = DataLoader(
+            _Draws(), batch_size=None, num_workers=2, worker_init_fn=worker_init_fn, generator=gen,
+            multiprocessing_context="fork",  # the workers must see RANK as set here
+        )
+        return {int(i): (float(a), float(b)) for i, a, b in loader}
+
+    r0, r0_again, r1 = run("0"), run("0"), run("1")
+    assert r0 == r0_again
+    assert {v[1] for v in r0.values()}.isdisjoint({v[1] for v in r1.values()})
 
 
 def test_worker_seeder_outside_a_worker_seeds_globals_reproducibly() -> None:
@@ -157,6 +174,12 @@ def test_capture_restore_round_trip_through_weights_only_load() -> None:
     assert torch.equal(expected[0], got[0])
     np.testing.assert_array_equal(expected[1], got[1])
     assert expected[2:] == got[2:]
+
+
+def test_restore_of_empty_state_is_a_no_op() -> None:
+    before = _global_fingerprint()
+    restore_rng_state({})
+    assert _same_globals(before, _global_fingerprint())
 
 
 def test_restore_refuses_foreign_dicts() -> None:
