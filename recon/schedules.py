@@ -13,8 +13,9 @@ The presets reproduce the team's runs (spec: pipeline.md 4.3, 4.4, 4.6):
   StepLR phase begins at epoch 45 (as trained), so its first x0.3 falls at 50.
   :data:`MOE_LR_README` begins the StepLR phase at 39 as the README intended (first x0.3 at 44).
 - :data:`CLUTCH_LR` -- the clutch stage's intended constant 2e-5. The team's torch built it as
-  SequentialLR with a zero-length warm-up, which (pytorch issue #185872, fixed in PR #185986) left
-  LinearLR's 0.1 start factor in force, so it trained at 2e-6; a constant schedule is just that.
+  SequentialLR with a zero-length warm-up, which in the team's torch release left LinearLR's 0.1
+  start factor in force, so it trained at 2e-6 (torch 2.14 gives 2e-5 for the same construction);
+  a constant schedule is just that, whatever the torch version.
 - :data:`CLASSIFIER_LR` -- CosineAnnealingLR(T_max=10, eta_min=0.01 lr) stepped per epoch, which
   is periodic with period 20 (it climbs back after reaching eta_min).
 - :data:`P_MASK` -- the Helper's mask-augmentation probability: exp, start 15, plateau 25, p_max 1.
