@@ -51,7 +51,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(payload)
     payload["format"] = FORMAT
-    payload.setdefault("versions", {"torch": torch.__version__, "smartify": __version__})
+    payload.setdefault("versions", {"torch": str(torch.__version__), "smartify": __version__})  # TorchVersion is not weights_only-safe
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
