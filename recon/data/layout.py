@@ -1,0 +1,274 @@
+"""The SNU folder layout: find k-space/image file pairs, validate them, fingerprint a data set.
+
+A *split folder* holds ``kspace/`` and ``image/`` with files of the same names::
+
+    train/{kspace,image}/{brain,knee}_acc{4,8}_N.h5
+    leaderboard/acc4/{kspace,image}/{brain,knee}_testN.h5
+
+Image and k-space files are paired **by name** (the baseline paired two sorted lists by position,
+which silently mispairs when one file is missing). Every problem is an :class:`InputError` with
+one line naming the file and key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import h5py
+import numpy as np
+
+from recon.data.names import FileInfo, parse_name, sort_key
+from recon.errors import InputError
+from recon.masks import infer_acc
+
+KSPACE_DIR = "kspace"
+IMAGE_DIR = "image"
+LEADERBOARD_ACCS = ("acc4", "acc8")
+IMAGE_KEYS = ("image_label", "image_input", "image_grappa")
+_ACC_DIR_RE = re.compile(r"^acc(\d+)$")
+
+
+@dataclass(frozen=True)
+class FilePair:
+    """One volume: its k-space file and (optionally) its image file.
+
+    Attributes:
+        kspace: path of the k-space file (keys ``kspace``, ``mask``).
+        image: path of the image file of the same name, or None when absent.
+        info: what the file name says.
+        acc: acceleration: from the name, else from an ``accN`` parent folder, else from the mask.
+        anatomy: ``"brain"`` or ``"knee"``.
+    """
+
+    kspace: Path
+    image: Path | None
+    info: FileInfo
+    acc: int
+    anatomy: str
+
+    @property
+    def name(self) -> str:
+        """The shared file name, e.g. ``brain_acc4_1.h5``."""
+        return self.info.name
+
+
+def open_h5(path: Path) -> h5py.File:
+    """Open an HDF5 file read-only, turning failures into a one-line :class:`InputError`."""
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found") from None
+    except OSError as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(f"{path}: not a readable HDF5 file ({reason})") from None
+
+
+def _list_h5(folder: Path) -> dict[str, Path]:
+    return {p.name: p for p in folder.glob("*.h5") if p.is_file()}
+
+
+def _parse(path: Path) -> FileInfo:
+    try:
+        return parse_name(path)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
+
+
+def _acc_for(path: Path, info: FileInfo) -> int:
+    if info.acc is not None:
+        return info.acc
+    for parent in path.parents[:3]:
+        match = _ACC_DIR_RE.match(parent.name)
+        if match:
+            return int(match.group(1))
+    with open_h5(path) as f:
+        if "mask" not in f:
+            raise InputError(f"{path}: key 'mask' missing (needed to infer the acceleration)")
+        return infer_acc(np.asarray(f["mask"][()]).reshape(-1))
+
+
+def discover_pairs(folder: str | Path, require_image: bool = True) -> list[FilePair]:
+    """List the volumes of a split folder, paired by file name.
+
+    Args:
+        folder: a folder holding ``kspace/`` and ``image/`` (a train/val split or a leaderboard
+            ``accN`` folder).
+        require_image: when True every k-space file needs an image file of the same name; when
+            False a missing image file gives ``image=None`` (inference on k-space only).
+
+    Returns:
+        The pairs in the evaluator's order (brain before knee, then acceleration, then number).
+
+    Raises:
+        InputError: missing folder, empty folder, unknown file name, unpaired file.
+    """
+    folder = Path(folder)
+    kdir, idir = folder / KSPACE_DIR, folder / IMAGE_DIR
+    if not kdir.is_dir():
+        raise InputError(f"{folder}: no '{KSPACE_DIR}/' folder (expected {KSPACE_DIR}/ and {IMAGE_DIR}/)")
+    kfiles = _list_h5(kdir)
+    ifiles = _list_h5(idir) if idir.is_dir() else {}
+    if not kfiles:
+        raise InputError(f"{kdir}: empty folder (no .h5 files)")
+    if require_image and not idir.is_dir():
+        raise InputError(f"{folder}: no '{IMAGE_DIR}/' folder")
+    extra = sorted(set(ifiles) - set(kfiles))
+    if extra:
+        raise InputError(f"{ifiles[extra[0]]}: unpaired file (no {KSPACE_DIR}/{extra[0]})")
+    pairs = []
+    for name in sorted(kfiles, key=lambda n: sort_key(_parse(kfiles[n]).name)):
+        path = kfiles[name]
+        info = _parse(path)
+        image = ifiles.get(name)
+        if image is None and require_image:
+            raise InputError(f"{path}: unpaired file (no {IMAGE_DIR}/{name})")
+        pairs.append(FilePair(kspace=path, image=image, info=info, acc=_acc_for(path, info), anatomy=info.anatomy))
+    return pairs
+
+
+def discover_leaderboard(root: str | Path, require_image: bool = True) -> dict[str, list[FilePair]]:
+    """The leaderboard folders ``root/acc4`` and ``root/acc8`` (those present, at least one).
+
+    Args:
+        root: the ``leaderboard`` folder.
+        require_image: passed to :func:`discover_pairs`.
+
+    Returns:
+        ``{"acc4": [...], "acc8": [...]}`` in that order.
+    """
+    root = Path(root)
+    found = {acc: discover_pairs(root / acc, require_image) for acc in LEADERBOARD_ACCS if (root / acc).is_dir()}
+    if not found:
+        raise InputError(f"{root}: no leaderboard folders (expected {' and '.join(LEADERBOARD_ACCS)})")
+    return found
+
+
+def _dataset(f: h5py.File, path: Path, key: str, rank: int, what: str) -> h5py.Dataset:
+    if key not in f:
+        raise InputError(f"{path}: key '{key}' missing (expected {what})")
+    ds = f[key]
+    if not isinstance(ds, h5py.Dataset):
+        raise InputError(f"{path}: key '{key}' is not a dataset (expected {what})")
+    if ds.ndim != rank:
+        raise InputError(f"{path}: key '{key}' has rank {ds.ndim} {ds.shape}, expected rank {rank} {what}")
+    return ds
+
+
+def _check_finite(ds: h5py.Dataset, path: Path, key: str) -> None:
+    """Scan a dataset slice by slice for NaN/inf (bounded memory)."""
+    for s in range(ds.shape[0]):
+        if not np.all(np.isfinite(ds[s])):
+            raise InputError(f"{path}: key '{key}' has non-finite values (slice {s})")
+
+
+def validate_pair(pair: FilePair, image_keys: Sequence[str] = ("image_label",), scan_values: bool = True) -> int:
+    """The open-time checks of one volume.
+
+    Checks: ``kspace`` is complex rank 4 ``(S, C, H, W)``; ``mask`` is rank 1 with width W and
+    finite 0/1 values; the image keys present are rank 3 with S slices; ``image_keys`` exist;
+    ``attrs['max']``, when present, is finite; and (``scan_values``) no NaN/inf in the data.
+
+    Args:
+        pair: the volume.
+        image_keys: keys the image file must hold (ignored when ``pair.image`` is None).
+        scan_values: read the data to look for non-finite values (costs one pass over the file).
+
+    Returns:
+        The number of slices S.
+
+    Raises:
+        InputError: one line naming the file and key.
+    """
+    path = pair.kspace
+    with open_h5(path) as f:
+        kspace = _dataset(f, path, "kspace", 4, "(S, C, H, W) complex")
+        if not np.issubdtype(kspace.dtype, np.complexfloating):
+            raise InputError(f"{path}: key 'kspace' has dtype {kspace.dtype}, expected complex")
+        n_slices, width = kspace.shape[0], kspace.shape[-1]
+        if n_slices == 0:
+            raise InputError(f"{path}: key 'kspace' has 0 slices")
+        mask = np.asarray(_dataset(f, path, "mask", 1, "(W,)")[()])
+        if mask.shape[0] != width:
+            raise InputError(f"{path}: key 'mask' has width {mask.shape[0]} but 'kspace' width is {width}")
+        if not np.all(np.isfinite(mask)):
+            raise InputError(f"{path}: key 'mask' has non-finite values")
+        if not np.all((mask == 0) | (mask == 1)):
+            raise InputError(f"{path}: key 'mask' has values other than 0 and 1")
+        if scan_values:
+            _check_finite(kspace, path, "kspace")
+    if pair.image is None:
+        return n_slices
+    path = pair.image
+    with open_h5(path) as f:
+        for key in image_keys:
+            if key not in f:
+                raise InputError(f"{path}: key '{key}' missing (expected (S, h, w) float)")
+        for key in IMAGE_KEYS:
+            if key not in f:
+                continue
+            ds = _dataset(f, path, key, 3, "(S, h, w)")
+            if ds.shape[0] != n_slices:
+                raise InputError(
+                    f"{path}: key '{key}' has {ds.shape[0]} slices but {pair.kspace} 'kspace' has {n_slices}"
+                )
+            if scan_values:
+                _check_finite(ds, path, key)
+        if "max" in f.attrs and not np.all(np.isfinite(np.asarray(f.attrs["max"], dtype=np.float64))):
+            raise InputError(f"{path}: attrs['max'] is not finite ({f.attrs['max']})")
+    return n_slices
+
+
+def _attrs_digest(attrs: h5py.AttributeManager) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in sorted(attrs):
+        value = attrs[key]
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        elif isinstance(value, np.ndarray):
+            value = value.tolist()
+        elif isinstance(value, np.generic):
+            value = value.item()
+        out[key] = value if isinstance(value, (str, int, float, bool, list)) else repr(value)
+    return out
+
+
+def _h5_summary(path: Path) -> dict[str, Any]:
+    with open_h5(path) as f:
+        keys = {k: {"shape": list(f[k].shape), "dtype": str(f[k].dtype)} for k in sorted(f) if isinstance(f[k], h5py.Dataset)}
+        attrs = _attrs_digest(f.attrs)
+    attrs_hash = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+    return {"name": path.name, "bytes": path.stat().st_size, "keys": keys, "attrs_hash": attrs_hash}
+
+
+def data_fingerprint(pairs: Sequence[FilePair]) -> dict[str, Any]:
+    """A cheap identity of a data set: names, shapes, dtypes, sizes and attrs (metadata only).
+
+    Args:
+        pairs: the volumes (e.g. from :func:`discover_pairs`).
+
+    Returns:
+        ``{"n_files", "n_slices", "bytes", "files": [...], "digest"}``; ``digest`` is a sha256 hex
+        string over everything else, so two data sets with the same digest have the same files,
+        shapes and attributes (the data values themselves are not read).
+    """
+    files = []
+    n_slices = 0
+    total = 0
+    for pair in pairs:
+        entry: dict[str, Any] = {"name": pair.name, "anatomy": pair.anatomy, "acc": pair.acc,
+                                 "kspace": _h5_summary(pair.kspace)}
+        shape = entry["kspace"]["keys"].get("kspace", {}).get("shape", [0])
+        n_slices += int(shape[0]) if shape else 0
+        total += entry["kspace"]["bytes"]
+        if pair.image is not None:
+            entry["image"] = _h5_summary(pair.image)
+            total += entry["image"]["bytes"]
+        files.append(entry)
+    body = {"n_files": len(files), "n_slices": n_slices, "bytes": total, "files": files}
+    body["digest"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+    return body
