@@ -127,7 +127,13 @@ def foreground_mask(target: ArrayT, anatomy: str | Sequence[str]) -> ArrayT:
         ValueError: fewer than 2 dimensions, a complex target, or an unknown anatomy.
     """
     is_numpy = isinstance(target, np.ndarray)
-    t = torch.from_numpy(np.ascontiguousarray(target)) if is_numpy else target
+    if is_numpy:
+        arr = np.ascontiguousarray(target)
+        if not arr.dtype.isnative:  # e.g. big-endian data read from HDF5; torch needs native order
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        t = torch.from_numpy(arr)
+    else:
+        t = target
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"foreground_mask expects a numpy array or torch tensor, got {type(target).__name__}")
     if t.ndim < 2:
@@ -203,7 +209,9 @@ def ssim_map(x: torch.Tensor, y: torch.Tensor, data_range: DataRange) -> torch.T
     if x4.shape != y4.shape:
         raise ValueError(f"ssim expects x and y of the same shape, got {tuple(x.shape)} and {tuple(y.shape)}")
     if x4.dtype != y4.dtype or x4.device != y4.device:
-        raise ValueError(f"ssim expects x and y of one dtype/device, got {x4.dtype}/{x4.device} and {y4.dtype}/{y4.device}")
+        raise ValueError(
+            f"ssim expects x and y of one dtype/device, got {x4.dtype}/{x4.device} and {y4.dtype}/{y4.device}"
+        )
     b = x4.shape[0]
     c1, c2 = _constants(data_range, b, x4)
     weight = torch.full((1, 1, WIN_SIZE, WIN_SIZE), 1.0 / WIN_SIZE**2, dtype=x4.dtype, device=x4.device)
@@ -235,7 +243,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: DataRange) -> torch.Tenso
 
 
 def _to_slice_tensor(a: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
-    t = torch.from_numpy(np.asarray(a)) if not isinstance(a, torch.Tensor) else a.detach()
+    t = a.detach() if isinstance(a, torch.Tensor) else torch.from_numpy(np.array(a, dtype=np.float32))
     if t.ndim != 2:
         raise ValueError(f"slice_ssim expects {name} of shape (H, W), got {tuple(t.shape)}")
     if t.is_complex():
