@@ -21,6 +21,7 @@ from recon.errors import InputError
 COMMAND_MODULES = (
     "synth",
     "evaluate",
+    "reconstruct",
 )
 
 EPILOG = """examples:
