@@ -320,8 +320,7 @@ def _tiny_leaderboard(request) -> Path:
         tiny = request.getfixturevalue("tiny_data")
     except pytest.FixtureLookupError:
         pytest.skip("the tiny_data fixture (tests/conftest.py) is not there yet")
-    root = Path(getattr(tiny, "root", tiny))
-    return root / "leaderboard" if (root / "leaderboard").is_dir() else root
+    return Path(tiny) / "leaderboard"
 
 
 def test_cli_baselines_on_the_tiny_synthetic_data(request):
