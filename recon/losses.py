@@ -170,19 +170,33 @@ class VolumeAreaCache:
         try:
             return self._areas[fname]
         except KeyError:
-            raise KeyError(f"{fname}: volume not in the area cache; call add_volume first") from None
+            raise KeyError(
+                f"{fname}: volume not in the area cache; call add_volume(fname, image_label, anatomy) first"
+            ) from None
 
     def max_area(self, fname: str) -> int:
         """Largest slice area of a cached volume."""
         return int(self.areas(fname).max())
 
-    def weight(self, fname: str, slice_idx: int, target_area: float | None = None) -> float:
+    def weight(
+        self,
+        fname: str,
+        slice_idx: int,
+        target_area: float | np.ndarray | torch.Tensor | None = None,
+        anatomy: str | None = None,
+        augmented: bool = True,
+    ) -> float:
         """sqrt-area weight of a slice.
 
         Args:
             fname: cached volume.
             slice_idx: slice index in the volume.
-            target_area: area of the mask of an augmented target; None uses the cached area.
+            target_area: None uses the cached area. A number is the mask area of an augmented
+                target. An ``(H, W)`` array/tensor is the target itself: its area is recomputed
+                (with ``anatomy``) when ``augmented`` is True, and the cached area is used when
+                it is False (the target is the stored one).
+            anatomy: ``"brain"``/``"knee"``, needed only to recompute the area of a target.
+            augmented: whether a target passed as ``target_area`` was augmented.
 
         Returns:
             ``sqrt(area / max area of the volume)`` clipped to 1, or 1 when that max is 0.
@@ -190,6 +204,13 @@ class VolumeAreaCache:
         areas = self.areas(fname)
         if not 0 <= slice_idx < len(areas):
             raise IndexError(f"{fname}: slice {slice_idx} out of range 0..{len(areas) - 1}")
+        if isinstance(target_area, (np.ndarray, torch.Tensor)):
+            if not augmented:
+                target_area = None
+            elif anatomy is None:
+                raise ValueError(f"{fname}: weight needs the anatomy to recompute the area of an augmented target")
+            else:
+                target_area = foreground_area(target_area, anatomy)
         area = float(areas[slice_idx]) if target_area is None else float(target_area)
         return area_weight(area, float(areas.max()))
 

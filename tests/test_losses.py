@@ -115,6 +115,12 @@ def test_volume_area_cache_weights():
     # Augmented target: its own area over the cached volume max, clipped to 1.
     assert cache.weight("brain_acc4_1.h5", 1, target_area=225) == pytest.approx(0.75)  # sqrt(225 / 400)
     assert cache.weight("brain_acc4_1.h5", 1, target_area=900) == 1.0
+    # ... or pass the (augmented) target itself: its mask area is recomputed (side 15 -> 225).
+    aug = torch.from_numpy(_squares([15])[0])
+    assert cache.weight("brain_acc4_1.h5", 1, aug, "brain", True) == pytest.approx(0.75)
+    assert cache.weight("brain_acc4_1.h5", 1, aug, "brain", False) == pytest.approx(0.5)  # not augmented: cached
+    with pytest.raises(ValueError, match="needs the anatomy"):
+        cache.weight("brain_acc4_1.h5", 1, aug)
     # A volume without any foreground weighs 1 everywhere.
     cache.add_volume("knee_acc8_2.h5", _squares([0, 0]), "knee")
     assert cache.weight("knee_acc8_2.h5", 1) == 1.0
