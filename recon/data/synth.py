@@ -26,7 +26,6 @@ import os
 import tempfile
 import time
 import zlib
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,6 +35,7 @@ import numpy as np
 from tqdm import tqdm
 
 from recon.data.grappa import grappa as grappa_fill
+from recon.data.grappa import single_thread_blas
 from recon.data.layout import IMAGE_DIR, KSPACE_DIR, LEADERBOARD_ACCS
 from recon.data.names import ANATOMIES
 from recon.data.phantoms import CoilModel, Grid, SmoothPhase, make_phantom
@@ -321,20 +321,6 @@ def clear_layout(root: str | Path) -> int:
     return removed
 
 
-def _single_thread_blas() -> AbstractContextManager[Any]:
-    """Limit BLAS to one thread while generating, when ``threadpoolctl`` is importable.
-
-    The generator makes thousands of small matrix products and solves (GRAPPA fits); OpenBLAS's
-    threads make those 10-100x slower on a busy 2-core machine (measured: 0.9 s vs 5-9 s for the
-    tiny preset). ``threadpoolctl`` is optional; without it nothing changes.
-    """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional dependency
-        return nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
-
-
 def write_dataset(
     root: str | Path,
     preset: str | SynthPreset = "tiny",
@@ -369,7 +355,7 @@ def write_dataset(
     total = sum(VolumeModel(volume_rng(seed, j.key), j.anatomy, j.acc, spec).n_slices for j in jobs)
     start = time.perf_counter()
     n_slices = 0
-    with _single_thread_blas(), tqdm(total=total, unit="slice", desc=f"synth {spec.name}", disable=not progress) as bar:
+    with single_thread_blas(), tqdm(total=total, unit="slice", desc=f"synth {spec.name}", disable=not progress) as bar:
         for job in jobs:
             n_slices += write_volume(root, job, spec, seed, grappa, on_slice=lambda: bar.update(1))
     splits: dict[str, int] = {}

@@ -1,0 +1,28 @@
+"""Shared test fixtures: the tiny synthetic data set, written once per test session."""
+
+from __future__ import annotations
+
+import os
+
+# before anything imports mlflow or matplotlib
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from recon.data.synth import write_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Root of the tiny synthetic data set (seed 0, numpy GRAPPA), written once per session.
+
+    Layout: ``train/`` (2 volumes per anatomy and acceleration), ``val/`` (1 each), and
+    ``leaderboard/{acc4,acc8}/`` (2 brain + 2 knee each); 8 coils, 64x64 k-space, crop 64,
+    3-4 slices per volume. Treat it as read-only: copy files before changing them.
+    """
+    root = tmp_path_factory.mktemp("tiny_data")
+    write_dataset(root, preset="tiny", seed=0, grappa="numpy")
+    return root
