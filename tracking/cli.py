@@ -21,6 +21,8 @@ from recon.errors import InputError
 COMMAND_MODULES = (
     "synth",
     "evaluate",
+    "models",
+    "promote",
     "reconstruct",
 )
 
