@@ -24,6 +24,8 @@ COMMAND_MODULES = (
     "models",
     "promote",
     "reconstruct",
+    "ui",
+    "tracking",
 )
 
 EPILOG = """examples:
