@@ -295,5 +295,16 @@ def test_cli_tracking_info_sync_and_ui_dry_run(tmp_path):
     assert ui.returncode == 0, ui.stderr
     assert "http://127.0.0.1:5077" in ui.stdout and f"sqlite:///{tmp_path}/mlflow.db" in ui.stdout
     assert (tmp_path / "artifacts").as_uri() in ui.stdout
-    wide = smartify("ui", "--dry-run", "--host", "0.0.0.0", env=env)
-    assert wide.returncode == 0 and "warning" in wide.stderr.lower()
+
+
+def test_ui_warns_about_a_non_loopback_host(tmp_path, monkeypatch, capsys):
+    from tracking.cli import main
+
+    monkeypatch.setenv("SMARTIFY_HOME", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["ui", "--dry-run", "--host", "0.0.0.0", "--port", "5078"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: --host 0.0.0.0" in err and "--host 0.0.0.0" in out and "open http://127.0.0.1:5078" in out
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert main(["ui", "--dry-run"]) == 0
+    assert "open it there" in capsys.readouterr().out

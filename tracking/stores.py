@@ -35,8 +35,10 @@ REGISTRY_ENV = "MLFLOW_REGISTRY_URI"
 
 #: MLflow's own HTTP client settings and the values used unless the user set them. MLflow's defaults
 #: (7 retries with backoff factor 2, 120 s timeout) would stall training for minutes on a dead server.
+#: One immediate retry (urllib3 does not sleep before the first one); whatever still fails is spooled
+#: and replayed, so a refused connection costs milliseconds and a hung server at most 2 x the timeout.
 HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
