@@ -21,11 +21,13 @@ from recon.errors import InputError
 COMMAND_MODULES = (
     "synth",
     "evaluate",
+    "train",
     "models",
     "promote",
     "reconstruct",
     "ui",
     "tracking",
+    "submit",
 )
 
 EPILOG = """examples:

@@ -1,0 +1,1 @@
+"""The training engine: stage configuration, per-sample training transform, loops, validation."""

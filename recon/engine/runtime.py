@@ -1,0 +1,65 @@
+"""Runtime helpers shared by the stage loops: device, memory peaks, checkpoint payloads."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recon.checkpoint import save_checkpoint
+from recon.events import Callback, CheckpointSaved
+from recon.seeding import capture_rng_state
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; ``cuda`` without a GPU is an error, never a silent CPU run."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak-memory window (CUDA allocator; the CPU figure is the process peak)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """CUDA allocator peak since the last reset, or the process peak RSS on the CPU, in MiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
+def write_checkpoint(
+    callbacks: Callback,
+    out_dir: Path,
+    kind: str,
+    epoch: int,
+    metric: float | None,
+    payload: dict[str, Any],
+) -> Path:
+    """Write ``checkpoints/{kind}.pt`` with RNG streams and tracking state, then emit the event."""
+    payload = dict(payload)
+    payload["rng"] = capture_rng_state()
+    payload["tracking"] = callbacks.state_dict()
+    path = save_checkpoint(out_dir / "checkpoints" / f"{kind}.pt", payload)
+    callbacks.on_checkpoint(CheckpointSaved(path=path, kind=kind, epoch=epoch, metric=metric))
+    return path
+
+
+def determinism_flags() -> dict[str, Any]:
+    """The determinism settings in force (logged with every stage)."""
+    return {
+        "torch.deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn.deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn.benchmark": bool(torch.backends.cudnn.benchmark),
+        "torch.num_threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,252 @@
+"""The stage configuration: one typed schema for every training stage, loaded from YAML.
+
+A stage file in ``experiments/`` inherits ``base.yaml`` (``inherit: base.yaml``) and sets what
+differs. Every choice the team's scripts made implicitly is a key here, with the team's value as
+the default: seeds, the target rule, schedules, the exclusion of the public mask pattern, the
+validation split. ``--set dotted.key=value`` overrides any key; unknown keys and wrong types are
+refused with the key's path.
+
+The ``model`` section accepts ``preset: smartify | promptmr-plus`` plus any field of
+:class:`recon.models.config.PromptMRConfig`; the preset is expanded before validation, so the
+resolved configuration (saved with every checkpoint) lists every model field.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from recon.augment.mask_aug import MaskAugConfig
+from recon.augment.mraugment import MRAugmentConfig
+from recon.classifier import ClassifierConfig
+from recon.config import apply_overrides, from_dict, load_yaml_layers, parse_overrides, to_dict
+from recon.data.names import EXPERTS
+from recon.errors import InputError
+from recon.losses import LossConfig
+from recon.models.config import PromptMRConfig
+from recon.schedules import LRScheduleConfig, RampScheduleConfig
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """What the stage is.
+
+    Attributes:
+        name: stage name (run name, registry lineage), e.g. ``hacker_baseline``.
+        kind: ``baseline`` (one PromptMR+), ``moe`` (4 experts) or ``classifier``.
+        family: ``hacker`` (public mask pattern), ``helper`` (mask augmentation) or ``none``.
+        description: free text shown in the tracking UI.
+    """
+
+    name: str = "stage"
+    kind: Literal["baseline", "moe", "classifier"] = "baseline"
+    family: Literal["hacker", "helper", "none"] = "none"
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how it is read.
+
+    Attributes:
+        root: data set root holding the split folders (``train``, ``val``...).
+        train_splits: split folders trained on.
+        val_split: held-out split validated on every epoch.
+        use_val_for_final: also train on ``val_split``, shuffled together with the train splits
+            (never a second sequential pass; validation is then not held out, and is tagged so).
+        num_adj_slices: adjacent slices per sample (odd; must equal ``model.num_adj_slices``).
+        num_workers: DataLoader workers (each opens HDF5 lazily, seeds per worker).
+        max_train_slices: cap on training slices per epoch (None: all), a smoke-test knob.
+        max_val_slices: cap on validation slices (None: all).
+    """
+
+    root: str = "data/snu"
+    train_splits: tuple[str, ...] = ("train",)
+    val_split: str = "val"
+    use_val_for_final: bool = False
+    num_adj_slices: int = 1
+    num_workers: int = 0
+    max_train_slices: int | None = None
+    max_val_slices: int | None = None
+
+    def validate(self) -> None:
+        if self.num_adj_slices < 1 or self.num_adj_slices % 2 == 0:
+            raise InputError(f"data.num_adj_slices: expected an odd number >= 1, got {self.num_adj_slices}")
+        if self.num_workers < 0:
+            raise InputError(f"data.num_workers: expected >= 0, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW settings (the learning rate itself comes from the ``lr`` schedule)."""
+
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip_norm: float | None = None
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The epoch loop.
+
+    Attributes:
+        start_epoch: first absolute epoch of the stage (the MoE stage starts at 30).
+        epochs: exclusive end epoch (absolute): the stage trains ``start_epoch..epochs-1``.
+        batch_size: slices per step (1 as the team; >1 needs equal shapes).
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+        amp: bfloat16/float16 autocast on CUDA.
+        panel_every: reconstruction panels every N epochs (0: never).
+        panel_slices: fixed validation slices in a panel.
+        stuck_steps: consecutive steps with loss >= 1 - 1e-4 that count as divergence.
+        progress: tqdm progress bars.
+    """
+
+    start_epoch: int = 0
+    epochs: int = 45
+    batch_size: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: bool = False
+    panel_every: int = 5
+    panel_slices: int = 2
+    stuck_steps: int = 50
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.epochs <= self.start_epoch:
+            raise InputError(f"train.epochs ({self.epochs}) must be greater than train.start_epoch ({self.start_epoch})")
+        if self.batch_size < 1:
+            raise InputError(f"train.batch_size: expected >= 1, got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """The 4-expert stage.
+
+    Attributes:
+        experts: expert names in the team's order.
+        route_acc_from: ``mask``: the acceleration of the (possibly augmented) mask, as the team;
+            ``file``: the file's acceleration.
+    """
+
+    experts: tuple[str, ...] = EXPERTS
+    route_acc_from: Literal["mask", "file"] = "mask"
+
+
+@dataclass(frozen=True)
+class ClassifierTrainConfig:
+    """The classifier stage (pipeline.md 4.6).
+
+    Attributes:
+        train_split: split trained on (the team trained on ``val``).
+        val_split: split validated on (the team validated on ``train``).
+        image_key: the image dataset classified.
+        batch_size: slices per step.
+        weight_penalty: coefficient of the squared-L2 parameter penalty (the README's "Lasso").
+    """
+
+    train_split: str = "val"
+    val_split: str = "train"
+    image_key: str = "image_grappa"
+    batch_size: int = 16
+    weight_penalty: float = 1e-6
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where the stage writes (``{stage}`` expands to the stage name)."""
+
+    dir: str = "runs/{stage}"
+
+
+def _default_lr() -> LRScheduleConfig:
+    return LRScheduleConfig()
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """A whole training stage. See the module docstring; YAML keys mirror these fields."""
+
+    stage: StageInfo = field(default_factory=StageInfo)
+    seed: int = 430
+    deterministic: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    model: PromptMRConfig = field(default_factory=lambda: PromptMRConfig.preset("smartify"))
+    classifier_model: ClassifierConfig = field(default_factory=ClassifierConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lr: LRScheduleConfig = field(default_factory=_default_lr)
+    mask_aug: MaskAugConfig = field(default_factory=MaskAugConfig)
+    p_mask: RampScheduleConfig = field(default_factory=RampScheduleConfig)
+    mraugment: MRAugmentConfig = field(default_factory=MRAugmentConfig)
+    p_aug: RampScheduleConfig = field(default_factory=RampScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    classifier: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    init_from: str | None = None
+
+    def validate(self) -> None:
+        if self.stage.kind != "classifier" and self.data.num_adj_slices != self.model.num_adj_slices:
+            raise InputError(
+                f"data.num_adj_slices ({self.data.num_adj_slices}) must equal model.num_adj_slices "
+                f"({self.model.num_adj_slices})"
+            )
+        if self.stage.kind == "moe":
+            unknown = [e for e in self.moe.experts if e not in EXPERTS]
+            if unknown:
+                raise InputError(f"moe.experts: unknown expert {unknown[0]!r}; expected names from {', '.join(EXPERTS)}")
+
+    @property
+    def output_dir(self) -> Path:
+        """The stage's output folder with ``{stage}`` expanded."""
+        return Path(self.output.dir.replace("{stage}", self.stage.name))
+
+
+def _expand_model_preset(data: dict[str, Any], source: str) -> dict[str, Any]:
+    model = data.get("model")
+    if model is None:
+        return data
+    if not isinstance(model, dict):
+        raise InputError(f"{source}: model: expected a mapping, got {type(model).__name__}")
+    model = dict(model)
+    preset = model.pop("preset", "smartify")
+    try:
+        base = PromptMRConfig.preset(preset).to_dict()
+    except (KeyError, ValueError) as exc:
+        raise InputError(f"{source}: model.preset: unknown preset {preset!r} ({exc})") from exc
+    base.update(model)
+    data = dict(data)
+    data["model"] = base
+    return data
+
+
+def load_stage_config(
+    path: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    data: dict[str, Any] | None = None,
+) -> tuple[StageConfig, dict[str, Any]]:
+    """Load a stage: YAML layers (``inherit``), ``--set`` overrides, model preset, validation.
+
+    Args:
+        path: the stage YAML file (or None with ``data``).
+        overrides: ``dotted.key=value`` strings.
+        data: an already-merged mapping to start from instead of a file.
+
+    Returns:
+        The typed configuration and its fully resolved plain form (what checkpoints store).
+    """
+    source = str(path) if path is not None else "<config>"
+    sources: dict[str, str] = {}
+    raw = copy.deepcopy(data) if data is not None else load_yaml_layers(path, sources=sources)
+    raw.pop("inherit", None)
+    raw = apply_overrides(raw, parse_overrides(list(overrides)), sources=sources)
+    raw = _expand_model_preset(raw, source)
+    cfg = from_dict(StageConfig, raw, sources=sources)
+    return cfg, to_dict(cfg)
+
+
+def stage_from_resolved(resolved: dict[str, Any]) -> StageConfig:
+    """Rebuild a :class:`StageConfig` from the resolved dict stored in a checkpoint."""
+    return from_dict(StageConfig, copy.deepcopy(resolved))
