@@ -254,6 +254,9 @@ def test_anatomy_source_must_be_explicit(env, tmp_path):
     helper = load_system(env["helper"], name="helper")
     with pytest.raises(InputError, match="no anatomy source"):
         reconstruct_leaderboard(env["data"], tmp_path / "out", hacker, helper)
+    with pytest.raises(InputError, match="two anatomy sources"):
+        reconstruct_leaderboard(env["data"], tmp_path / "out", hacker, helper, anatomy_from_filename=True,
+                                classifier=load_classifier(env["brain_classifier"]))
     assert not (tmp_path / "out").exists()
 
 
@@ -301,6 +304,10 @@ def _bad_case(env: dict[str, Path], case: str, root: Path) -> list[str | Path]:
         args[3] = root / "bad_helper"
     elif case == "no anatomy source":
         args.remove("--anatomy-from-filename")
+    elif case == "two anatomy sources":
+        args += ["--classifier", env["brain_classifier"]]
+    elif case == "no cuda":
+        args += ["--device", "cuda"]
     return args
 
 
@@ -311,7 +318,10 @@ BAD_CASES = {
     "mask width": "'mask' has width 26",
     "checkpoint mismatch": "configuration does not match the weights",
     "no anatomy source": "no anatomy source",
+    "two anatomy sources": "not both",
 }
+if not torch.cuda.is_available():
+    BAD_CASES["no cuda"] = "CUDA is not available"
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CASES))

@@ -335,8 +335,8 @@ def reconstruct_leaderboard(
         hacker: the system for slices whose mask is exactly the public pattern.
         helper: the system for every other slice.
         classifier: the brain/knee slice classifier; decides each file's anatomy.
-        anatomy_from_filename: take the anatomy from the file name instead (must be chosen
-            explicitly when there is no classifier; ignored when a classifier is given).
+        anatomy_from_filename: take the anatomy from the file name instead; exactly one of
+            ``classifier`` and ``anatomy_from_filename`` must be given (the choice is never implicit).
         device: torch device for the models.
         amp: float16 autocast on CUDA (a warning, and float32, on other devices).
         batch_size: slices of one file per forward pass, at most.
@@ -351,7 +351,7 @@ def reconstruct_leaderboard(
         The :class:`ReconResult` (routing report, timings, budget verdict, manifest).
 
     Raises:
-        InputError: no anatomy source, a bad data folder or file, an expert a system lacks, or an
+        InputError: no or two anatomy sources, a bad data folder or file, an expert a system lacks, or an
             output folder that already holds results (without ``overwrite``).
     """
     start = time.perf_counter() if clock_start is None else clock_start
@@ -360,6 +360,8 @@ def reconstruct_leaderboard(
             "no anatomy source: give a classifier checkpoint (--classifier) or choose the file names "
             "explicitly (--anatomy-from-filename)"
         )
+    if classifier is not None and anatomy_from_filename:
+        raise InputError("two anatomy sources: give either a classifier (--classifier) or --anatomy-from-filename")
     if batch_size < 1 or num_workers < 0 or crop is not None and crop < 1:
         raise InputError(f"batch_size must be >= 1, num_workers >= 0, crop >= 1; got {batch_size}, {num_workers}, {crop}")
     data_dir, out_dir = Path(data_dir), Path(out_dir)

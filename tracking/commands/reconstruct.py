@@ -82,11 +82,25 @@ def _has_labels(data_dir: Path) -> bool:
     return True
 
 
+def _check_device(name: str) -> None:
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: CUDA is not available on this machine")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the command; returns the exit code (0 within budget, 1 over budget)."""
     clock = time.perf_counter()
     if args.classifier is None and not args.anatomy_from_filename:
         raise InputError("no anatomy source: give --classifier PATH or choose --anatomy-from-filename explicitly")
+    if args.classifier is not None and args.anatomy_from_filename:
+        raise InputError("give either --classifier or --anatomy-from-filename, not both")
+    _check_device(args.device)
     if args.budget_s <= 0:
         raise InputError(f"--budget-s must be > 0, got {args.budget_s}")
     if args.batch_size < 1 or args.workers < 0:
