@@ -249,6 +249,34 @@ def test_classifier_decides_anatomy(env, tmp_path):
     assert "classifier disagrees with the file name on 3 file(s)" in report.format()
 
 
+def test_synthetic_leaderboard_with_shifted_masks_is_routed_and_scored(env, tiny_data, tmp_path):
+    """The synthetic data set's leaderboard (public masks), with one file per folder re-masked."""
+    from recon.evaluation import evaluate_folder
+
+    data = tmp_path / "leaderboard"
+    shutil.copytree(tiny_data / "leaderboard", data)
+    expected: dict[str, int] = {}
+    for acc_dir in ("acc4", "acc8"):
+        files = sorted((data / acc_dir / "kspace").glob("*.h5"))
+        assert files
+        for i, path in enumerate(files):
+            with h5py.File(path, "a") as f:
+                slices, width = f["kspace"].shape[0], f["kspace"].shape[-1]
+                if i == 0:  # the first file gets a shifted mask: Helper
+                    del f["mask"]
+                    f["mask"] = _shifted_mask(width, int(acc_dir[3:]))
+            key = f"{'helper' if i == 0 else 'hacker'}/{path.name.split('_')[0]}_{acc_dir}"
+            expected[key] = expected.get(key, 0) + slices
+    hacker = load_system(env["hacker"], name="hacker")
+    helper = load_system(env["helper"], name="helper")
+    out = tmp_path / "out"
+    result = reconstruct_leaderboard(data, out, hacker, helper, anatomy_from_filename=True, num_workers=0)
+    assert {k: v for k, v in result.routing.slices_per_expert.items() if v} == expected
+    scores = evaluate_folder(data, out)  # checks names, key, float32 and the image_label shape
+    assert 0.0 < scores["leaderboard"] <= 1.0
+    assert sum(scores["slices"].values()) == result.slices == sum(expected.values())
+
+
 def test_anatomy_source_must_be_explicit(env, tmp_path):
     hacker = load_system(env["hacker"], name="hacker")
     helper = load_system(env["helper"], name="helper")
