@@ -363,7 +363,9 @@ def reconstruct_leaderboard(
     if classifier is not None and anatomy_from_filename:
         raise InputError("two anatomy sources: give either a classifier (--classifier) or --anatomy-from-filename")
     if batch_size < 1 or num_workers < 0 or crop is not None and crop < 1:
-        raise InputError(f"batch_size must be >= 1, num_workers >= 0, crop >= 1; got {batch_size}, {num_workers}, {crop}")
+        raise InputError(
+            f"batch_size must be >= 1, num_workers >= 0, crop >= 1; got {batch_size}, {num_workers}, {crop}"
+        )
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     device = torch.device(device)
     if amp and device.type != "cuda":
@@ -442,7 +444,8 @@ def reconstruct_leaderboard(
             system, expert = router.route(vol.key, sample.mask.numpy())
             vol.systems.add(system)
             vol.experts.add(expert)
-            if pending and (file_idx != pending_file or pending[0][1:] != (system, expert) or len(pending) >= batch_size):
+            same_group = file_idx == pending_file and pending and pending[0][1:] == (system, expert)
+            if pending and (not same_group or len(pending) >= batch_size):
                 flush()
             pending_file = file_idx
             pending.append((sample, system, expert))

@@ -209,7 +209,9 @@ def load_system(
     payload = load_checkpoint(path, which)
     source = payload["path"]
     if payload["kind"] not in ("baseline", "moe"):
-        raise InputError(f"{source}: the {name} system needs a baseline or moe checkpoint, got kind {payload['kind']!r}")
+        raise InputError(
+            f"{source}: the {name} system needs a baseline or moe checkpoint, got kind {payload['kind']!r}"
+        )
     num_adj = adjacent_from_payload(payload)
     module = build_model(payload)
     model_adj = getattr(getattr(module, "cfg", None), "num_adj_slices", None)
