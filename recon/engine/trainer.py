@@ -35,9 +35,10 @@ from recon.engine import distributed as dist
 from recon.engine.runtime import peak_memory_mb, reset_peak_memory, select_device, write_checkpoint
 from recon.engine.stage import StageConfig
 from recon.engine.transform import EpochDataset, StageTransform, TrainItem, collate_items
-from recon.engine.validation import panel_indices, validate
+from recon.engine.validation import metrics_from_stats, panel_indices, validate
 from recon.errors import InputError
 from recon.events import Callback, ConsoleCallback, Divergence, EpochEnd, StageEnd, StageStart
+from recon.data.names import EXPERTS
 from recon.experts import MixtureOfExperts
 from recon.fft import center_crop
 from recon.losses import MaskedSSIMLoss, VolumeAreaCache
@@ -234,29 +235,39 @@ class _Runner:
             optimizer.step()
             losses.append(total)
             step += 1
-        seen = self.ctx.all_reduce_sum([float(sum(losses)), float(len(losses)), float(sum(counts.values()))])
-        n = max(seen[1], 1.0)
-        metrics = {"train/loss": seen[0] / n, "train/steps": seen[1]}
-        slices = sum(v for k, v in counts.items() if k.startswith("expert/"))
+        kinds = ("mask/file", "mask/public", "mask/random", "mask/equispaced", "augmented")
+        slices_here = sum(v for k, v in counts.items() if k.startswith("expert/"))
+        summed = self.ctx.all_reduce_sum(
+            [float(sum(losses)), float(len(losses)), float(slices_here)] + [float(counts.get(k, 0)) for k in kinds]
+        )
+        loss_sum, steps, slices = summed[0], summed[1], summed[2]
+        metrics = {"train/loss": loss_sum / max(steps, 1.0), "train/steps": steps, "train/slices": slices}
         if slices:
-            metrics["train/augmented_fraction"] = counts["augmented"] / slices
-            for key in ("mask/file", "mask/public", "mask/random", "mask/equispaced"):
-                metrics[f"train/{key.replace('/', '_')}_fraction"] = counts.get(key, 0) / slices
-        metrics["train/slices"] = float(slices)
+            for key, value in zip(kinds, summed[3:]):
+                metrics[f"train/{key.replace('/', '_')}_fraction"] = value / slices
         return metrics
 
     def validate_epoch(self, val_ds: EpochDataset, epoch: int, panel_at: list[int]) -> tuple[dict[str, float], list]:
+        """Validate; in a data-parallel run each rank scores whole volumes and the sums are reduced once."""
         self.model.eval()
         n = len(val_ds)
         if self.cfg.data.max_val_slices is not None:
             n = min(n, self.cfg.data.max_val_slices)
         val_ds.set_epoch(epoch)
+        mine = [i for i in range(n) if val_ds.base.index[i][0] % self.ctx.world_size == self.ctx.rank]
+        size = self.cfg.train.batch_size
 
         def batches() -> Iterator[list[TrainItem]]:
-            for start in range(0, n, self.cfg.train.batch_size):
-                yield [val_ds[i] for i in range(start, min(n, start + self.cfg.train.batch_size))]
+            for start in range(0, len(mine), size):
+                yield [val_ds[i] for i in mine[start:start + size]]
 
-        return validate(batches(), self.eval_forward, panel_at)
+        stats, panels = validate(batches(), self.eval_forward, panel_at)
+        if self.ctx.enabled:
+            keys = sorted(set(self.cfg.moe.experts) | set(EXPERTS))
+            flat = [float(x) for k in keys for x in stats.get(k, (0.0, 0))]
+            summed = self.ctx.all_reduce_sum(flat)
+            stats = {k: (summed[2 * i], int(round(summed[2 * i + 1]))) for i, k in enumerate(keys)}
+        return metrics_from_stats(stats), panels
 
     # ----------------------------------------------------------------- stage
     def checkpoint_payload(self, epoch: int, optimizer, best: float, best_epoch: int | None, metrics) -> dict[str, Any]:
@@ -312,7 +323,7 @@ class _Runner:
         val_ds = EpochDataset(data.val, StageTransform(cfg, train=False))
         trainable, _fixed = count_parameters(self.model)
         probe_mb = self.probe_mb(data)
-        self.callbacks.on_stage_start(StageStart(
+        start_event = StageStart(
             stage=cfg.stage.name, kind=cfg.stage.kind, family=None if cfg.stage.family == "none" else cfg.stage.family,
             config=self.resolved, seeds={"stage": cfg.seed, "model": cfg.model.seed},
             data_root=str(cfg.data.root), data_fingerprint=data.fingerprint, param_count=trainable,
@@ -320,7 +331,9 @@ class _Runner:
                                                     "world_size": self.ctx.world_size},
             start_epoch=start, epochs=cfg.train.epochs, output_dir=self.out_dir,
             resume_state=resume_state, init_from=init_source, init_from_state=init_state,
-        ))
+        )
+        if self.ctx.is_main:  # only rank 0 reports and writes
+            self.callbacks.on_stage_start(start_event)
         last_path = best_path = None
         status = "failed"
         panel_at = panel_indices(len(val_ds), cfg.train.panel_slices)
@@ -359,7 +372,8 @@ class _Runner:
             status = "finished"
         except DivergenceError as exc:
             status = "diverged"
-            self.callbacks.on_divergence(exc.event)
+            if self.ctx.is_main:
+                self.callbacks.on_divergence(exc.event)
             raise
         finally:
             best_file = self.out_dir / "checkpoints" / "best.pt"

@@ -30,12 +30,42 @@ def panel_indices(n: int, count: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, n - 1, min(count, n)).round()})
 
 
+GroupStats = dict[str, tuple[float, int]]
+
+
+def metrics_from_stats(stats: GroupStats) -> dict[str, float]:
+    """Metrics from per-group ``(sum of slice scores, slice count)``.
+
+    Keys of ``stats`` are expert names (``brain_acc4``...); the result has ``val/ssim`` (slice
+    weighted over everything), ``val/ssim/<group>``, ``val/ssim_acc4``/``val/ssim_acc8`` and
+    ``val/leaderboard`` (their mean, as the challenge), and ``val/slices``.
+    """
+    total = sum(s for s, _ in stats.values())
+    count = sum(n for _, n in stats.values())
+    metrics: dict[str, float] = {"val/slices": float(count)}
+    if count:
+        metrics["val/ssim"] = total / count
+    by_acc: dict[int, list[float]] = defaultdict(lambda: [0.0, 0])
+    for name, (s, n) in sorted(stats.items()):
+        if n:
+            metrics[f"val/ssim/{name}"] = s / n
+            acc = int(name.rsplit("acc", 1)[1])
+            by_acc[acc][0] += s
+            by_acc[acc][1] += n
+    for acc, (s, n) in sorted(by_acc.items()):
+        if n:
+            metrics[f"val/ssim_acc{acc}"] = s / n
+    if "val/ssim_acc4" in metrics and "val/ssim_acc8" in metrics:
+        metrics["val/leaderboard"] = 0.5 * (metrics["val/ssim_acc4"] + metrics["val/ssim_acc8"])
+    return metrics
+
+
 @torch.no_grad()
 def validate(
     items: Iterable[list[TrainItem]],
     forward: Forward,
     panel_at: Sequence[int] = (),
-) -> tuple[dict[str, float], list[Panel]]:
+) -> tuple[GroupStats, list[Panel]]:
     """Score every validation slice with the leaderboard SSIM.
 
     Args:
@@ -44,20 +74,18 @@ def validate(
         panel_at: dataset indices whose slices go into the reconstruction panel.
 
     Returns:
-        Metrics ``val/ssim`` (slice-weighted over all slices), ``val/ssim/<anatomy>_acc<acc>``,
-        ``val/ssim_acc4``/``val/ssim_acc8`` and ``val/leaderboard`` (their mean, as the
-        challenge), ``val/slices``; and the panels.
+        Per-group ``(score sum, slice count)`` (see :func:`metrics_from_stats`; sums, so that
+        data-parallel ranks can add theirs exactly once) and the panels.
     """
-    groups: dict[str, list[float]] = defaultdict(list)
-    by_acc: dict[int, list[float]] = defaultdict(list)
+    stats: dict[str, list] = defaultdict(lambda: [0.0, 0])
     panels: list[Panel] = []
     wanted = set(panel_at)
     for batch in items:
         outputs = forward(batch).float().cpu()
         for item, output in zip(batch, outputs):
             score = slice_ssim(output.numpy(), item.target.numpy(), item.max_value, item.anatomy)
-            groups[item.expert].append(score)
-            by_acc[item.acc].append(score)
+            stats[item.expert][0] += score
+            stats[item.expert][1] += 1
             if item.index in wanted:
                 panels.append(Panel(
                     name=f"{item.fname}:{item.slice_idx}",
@@ -65,14 +93,4 @@ def validate(
                     zero_filled=zero_filled(item).numpy(),
                     output=output.numpy(),
                 ))
-    everything = [s for scores in groups.values() for s in scores]
-    metrics: dict[str, float] = {"val/slices": float(len(everything))}
-    if everything:
-        metrics["val/ssim"] = float(np.mean(everything))
-    for name, scores in sorted(groups.items()):
-        metrics[f"val/ssim/{name}"] = float(np.mean(scores))
-    for acc, scores in sorted(by_acc.items()):
-        metrics[f"val/ssim_acc{acc}"] = float(np.mean(scores))
-    if 4 in by_acc and 8 in by_acc:
-        metrics["val/leaderboard"] = 0.5 * (metrics["val/ssim_acc4"] + metrics["val/ssim_acc8"])
-    return metrics, panels
+    return {k: (float(v[0]), int(v[1])) for k, v in stats.items()}, panels
