@@ -146,3 +146,22 @@ def test_promote_cli_exit_codes(tmp_path: Path, home: Path, versions: dict[str, 
 
 def _alias(stores: Stores, alias: str) -> int:
     return int(make_client(stores).get_model_version_by_alias(NAME, alias).version)
+
+
+def _info(version: int, score: float | None, fingerprint: str = DATA, protocol: str = "split=val",
+          metric: str = "ssim") -> ModelVersionInfo:
+    return ModelVersionInfo(NAME, version, "run", "file:///x", metric, score, fingerprint, protocol, "s", "baseline",
+                            "helper", 1, (), (), 0, "", {})
+
+
+def test_refusal_reasons_name_what_differs() -> None:
+    from tracking.promotion import refusal
+
+    holder = _info(1, 0.9)
+    assert refusal(_info(2, 0.9), holder, "champion") is None
+    assert "0.8000 < champion version 1 0.9000" in refusal(_info(2, 0.8), holder, "champion")
+    assert "not comparable" in refusal(_info(2, 0.99, metric="accuracy"), holder, "champion")
+    assert "no data fingerprint" in refusal(_info(2, 0.99, fingerprint="unknown"), holder, "champion")
+    assert "trained_on_val=True" in refusal(_info(2, 0.99, protocol="split=val;trained_on_val=True"),
+                                            _info(1, 0.9, protocol="split=val;trained_on_val=False"), "champion")
+    assert "no validation score" in refusal(_info(2, None), holder, "champion")

@@ -32,7 +32,7 @@ from tracking.registry import (
     register_stage,
     weights_digest,
 )
-from tracking.stores import Stores, get_or_create_experiment, make_client, resolve_stores
+from tracking.stores import Stores, get_or_create_experiment, make_client
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,8 +73,9 @@ def save_tiny_checkpoint(
 
 
 def make_stores(home: Path) -> Stores:
-    """Embedded stores (SQLite + file artifacts) under ``home``."""
-    return resolve_stores(tracking_uri=f"sqlite:///{home / 'mlflow.db'}")
+    """Embedded stores under ``home``: what ``SMARTIFY_HOME=home`` resolves to (the checkout's mlruns untouched)."""
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    return Stores(tracking_uri=uri, registry_uri=uri, home=home, artifact_root=home / "artifacts")
 
 
 def cli_env(home: Path) -> dict[str, str]:
@@ -110,11 +111,12 @@ def test_register_under_stage_run_and_load_in_fresh_process(tmp_path: Path, home
 
     info = register_stage(tmp_path / "hacker_moe", stores=stores)  # a stage folder resolves to best.pt
 
+    assert info.source.startswith((home / "artifacts").resolve().as_uri())
     assert (info.name, info.run_id, info.kind, info.stage, info.epoch) == (
         "smartify-hacker", run_id, "moe", "hacker_moe", 4)
     assert info.val_metric == "ssim" and info.val_score == pytest.approx(0.912)
     assert info.data_fingerprint == "f" * 64
-    assert info.val_protocol == "split=val;max_slices=None"
+    assert info.val_protocol == "split=val;max_slices=None;trained_on_val=False"
     assert info.experts == EXPERTS
     assert info.tags["weights_digest"] == weights_digest(original["model"])
     client = make_client(stores)

@@ -15,9 +15,9 @@ What a version holds (artifacts of the stage's MLflow run, under
 
 and tags on the model version: ``val_metric`` (``ssim`` | ``accuracy``), ``val_score``,
 ``data_fingerprint`` (digest of the stage's data, from the run's ``data.fingerprint`` param),
-``val_protocol`` (validation split and slice cap), ``stage``, ``kind``, ``family``, ``epoch``,
-``experts``, ``weights_digest`` (content hash of the tensors), ``weights_sha256`` (file hash),
-``checkpoint`` (the file registered).
+``val_protocol`` (validation split, slice cap, whether the stage trained on it), ``stage``,
+``kind``, ``family``, ``epoch``, ``experts``, ``weights_digest`` (content hash of the tensors),
+``weights_sha256`` (file hash), ``checkpoint`` (the file registered).
 
 Why state dicts read by our own loader, and not MLflow's pytorch flavour or a pyfunc model:
 ``mlflow.pytorch.log_model`` pickles the whole ``nn.Module`` by default, so loading needs
@@ -97,7 +97,8 @@ class ModelVersionInfo:
         val_metric: ``ssim`` or ``accuracy``.
         val_score: validation score of these weights (None if the version lacks the tag).
         data_fingerprint: digest of the stage's data, or ``unknown``.
-        val_protocol: validation split and slice cap, e.g. ``split=val;max_slices=None``.
+        val_protocol: validation split, slice cap and whether the stage trained on that split, e.g.
+            ``split=val;max_slices=None;trained_on_val=False``.
         stage, kind, family, epoch: from the checkpoint.
         experts: expert names (MoE), else empty.
         aliases: aliases pointing at this version.
@@ -213,14 +214,17 @@ def validation_protocol(payload: dict[str, Any]) -> str:
         payload: a checkpoint dictionary.
 
     Returns:
-        e.g. ``split=val;max_slices=None`` (the classifier: its own ``val_split``).
+        e.g. ``split=val;max_slices=None;trained_on_val=False`` (the classifier: its own
+        ``val_split``).
     """
     config = payload.get("config") or {}
     data = config.get("data") or {}
     if payload["kind"] == "classifier":
         split = (config.get("classifier") or {}).get("val_split", data.get("val_split"))
         return f"split={split}"
-    return f"split={data.get('val_split')};max_slices={data.get('max_val_slices')}"
+    # a stage that trained on its validation split (use_val_for_final) has a score that is not comparable
+    trained_on_val = bool(data.get("use_val_for_final", False))
+    return f"split={data.get('val_split')};max_slices={data.get('max_val_slices')};trained_on_val={trained_on_val}"
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
