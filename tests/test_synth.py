@@ -159,6 +159,7 @@ def test_determinism_and_per_volume_seeding(tiny_data: Path, tmp_path: Path) -> 
             key = "kspace" if "kspace" in ref else "image_label"
             assert np.array_equal(ref[key][()], same[key][()])
             assert ref[key].shape != other[key].shape or not np.allclose(ref[key][()], other[key][()])
+        assert (tiny_data / rel).read_bytes() == (tmp_path / "a" / rel).read_bytes()  # byte for byte
     assert not (tmp_path / "a" / "val").exists() or not any((tmp_path / "a" / "val").rglob("*.h5"))
 
 

@@ -199,6 +199,7 @@ class SliceDataset(torch.utils.data.Dataset):
         pairs: the volumes (from :func:`recon.data.layout.discover_pairs`).
         num_adj_slices: A, odd; the centre slice plus ``A - 1`` neighbours (clamped at the edges).
         load_target: read ``image_label`` when the pair has an image file (then the key must exist).
+            ``attrs['max']`` is read whenever the pair has an image file.
         load_grappa: read ``image_grappa`` (then image files must exist and hold the key).
         slice_filter: keep slice ``s`` of ``pair`` only when ``slice_filter(pair, s)`` is True.
 
@@ -252,7 +253,7 @@ class SliceDataset(torch.utils.data.Dataset):
         mask = np.asarray(kf["mask"][()], dtype=np.float32)
         target = grappa = None
         max_value = math.nan
-        if pair.image is not None and (self.load_target or self.load_grappa):
+        if pair.image is not None:
             imf = self._files.get(pair.image)
             if "max" in imf.attrs:
                 max_value = float(np.asarray(imf.attrs["max"]).reshape(-1)[0])

@@ -202,9 +202,10 @@ def _fill(filled: np.ndarray, sampled: np.ndarray, acs: tuple[int, int], acc: in
         offsets = _source_offsets(int(r), acc, ky, acs[1] - acs[0])
         weights = _fit_kernel(padded, pad, acs, offsets, kx, lamda, max_calib_rows)
         out = np.zeros((filled.shape[0], height, targets.size), dtype=np.complex64)
+        flat = out.reshape(out.shape[0], -1)
         for i, off in enumerate(offsets):
-            cols = targets + pad_w + off
-            for j, dx in enumerate(range(-(kx // 2), kx // 2 + 1)):
-                src = padded[:, pad[0] + dx:pad[0] + dx + height, cols]  # (C, H, T)
-                out += (weights[i, j] @ src.reshape(src.shape[0], -1)).reshape(out.shape)
+            columns = padded[:, :, targets + pad_w + off]  # (C, H + 2 pad, T), one gather per source column
+            for j in range(kx):
+                src = columns[:, j:j + height, :]  # a view: shift by dx = j - kx // 2 along the read-out
+                flat += weights[i, j] @ src.reshape(src.shape[0], -1)
         filled[:, :, targets] = out

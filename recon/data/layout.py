@@ -239,7 +239,8 @@ def _attrs_digest(attrs: h5py.AttributeManager) -> dict[str, Any]:
 
 def _h5_summary(path: Path) -> dict[str, Any]:
     with open_h5(path) as f:
-        keys = {k: {"shape": list(f[k].shape), "dtype": str(f[k].dtype)} for k in sorted(f) if isinstance(f[k], h5py.Dataset)}
+        datasets = [k for k in sorted(f) if isinstance(f[k], h5py.Dataset)]
+        keys = {k: {"shape": list(f[k].shape), "dtype": str(f[k].dtype)} for k in datasets}
         attrs = _attrs_digest(f.attrs)
     attrs_hash = hashlib.sha256(json.dumps(attrs, sort_keys=True, default=repr).encode()).hexdigest()[:16]
     return {"name": path.name, "bytes": path.stat().st_size, "keys": keys, "attrs_hash": attrs_hash}

@@ -288,7 +288,8 @@ class KneePhantom:
 
         striation = 1.0 + 0.12 * self.striation.slice(g.u, g.v, z, blur=g.pixel)
         img = muscle * striation * (m_leg - m_fat) + fat * m_fat
-        bone_val = marrow * (1.0 + 0.15 * self.trabecular.slice(g.u, g.v, z, blur=g.pixel)) * (m_bone - m_cortex) + cortex * m_cortex
+        trabecular = 1.0 + 0.15 * self.trabecular.slice(g.u, g.v, z, blur=g.pixel)
+        bone_val = marrow * trabecular * (m_bone - m_cortex) + cortex * m_cortex
         img = img * (1.0 - m_bone) + bone_val
         img = img + (cartilage - img) * m_cart
         img = img + (fluid - img) * m_fluid
@@ -335,16 +336,28 @@ class CoilModel:
         self.linear = rng.normal(scale=1.0, size=(n, 2))
         self.offset = rng.uniform(0, 2 * np.pi, size=n)
 
+    def _distances(self, grid: Grid, z: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        du = (grid.u[None, :] - self.centres[:, 0, None]).astype(np.float32)[:, None, :]  # (C, 1, W)
+        dv = (grid.v[None, :] - self.centres[:, 1, None]).astype(np.float32)[:, :, None]  # (C, H, 1)
+        dz2 = ((z - self.centres[:, 2]) ** 2).astype(np.float32)[:, None, None]
+        return du, dv, dz2
+
+    def magnitude(self, grid: Grid, z: float) -> np.ndarray:
+        """Sensitivity magnitudes ``(C, H, W)`` float32 at depth ``z``."""
+        du, dv, dz2 = self._distances(grid, z)
+        x = 1.0 + (du * du + dv * dv + dz2) / np.float32(self.radius**2)
+        return 1.0 / (x * np.sqrt(x))
+
     def maps(self, grid: Grid, z: float) -> np.ndarray:
         """Complex sensitivities ``(C, H, W)`` complex64 at depth ``z``."""
-        u = grid.u[None, None, :]
-        v = grid.v[None, :, None]
-        cu, cv, cz = (self.centres[:, i, None, None] for i in range(3))
-        d2 = (u - cu) ** 2 + (v - cv) ** 2 + (z - cz) ** 2
-        mag = (1.0 + d2 / self.radius**2) ** -1.5
-        phase = (np.arctan2(v - cv, u - cu) + self.linear[:, 0, None, None] * u + self.linear[:, 1, None, None] * v
-                 + self.offset[:, None, None])
-        return (mag * np.exp(1j * phase)).astype(np.complex64)
+        du, dv, _ = self._distances(grid, z)
+        # exp(i * azimuth) without trigonometry: (du + i dv) / |(du, dv)|
+        planar = np.sqrt(du * du + dv * dv)
+        azimuth = (du + 1j * dv) / np.maximum(planar, np.float32(1e-6))
+        ramp_u = np.exp(1j * self.linear[:, 0, None] * grid.u[None, :]).astype(np.complex64)[:, None, :]
+        ramp_v = np.exp(1j * (self.linear[:, 1, None] * grid.v[None, :] + self.offset[:, None]))
+        ramp_v = ramp_v.astype(np.complex64)[:, :, None]
+        return (self.magnitude(grid, z) * azimuth * ramp_u * ramp_v).astype(np.complex64, copy=False)
 
 
 class SmoothPhase:

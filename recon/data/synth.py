@@ -28,7 +28,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import h5py
 import numpy as np
@@ -236,7 +236,7 @@ class VolumeModel:
         peak = 0.0
         for s in range(self.n_slices):
             z = float(self.z[s])
-            clean = self.phantom.slice(z) * rss(self.coil_model.maps(self.grid, z))
+            clean = self.phantom.slice(z) * rss(self.coil_model.magnitude(self.grid, z))
             peak = max(peak, float(center_crop(clean, crop, crop).max()))
         scale = self.label_max / max(peak, 1e-12)
         sigma = self.preset.noise * self.label_max / np.sqrt(2.0 * self.coils)
@@ -261,7 +261,7 @@ def _temp_h5(folder: Path, name: str) -> Path:
 
 
 def write_volume(root: Path, job: VolumeJob, preset: SynthPreset, seed: int, grappa: str,
-                 on_slice: Any = None) -> int:
+                 on_slice: Callable[[], object] | None = None) -> int:
     """Write one k-space/image file pair atomically (temp files, then ``os.replace``).
 
     Args:
@@ -372,6 +372,6 @@ def write_dataset(
     tmp = manifest.with_name(f".{MANIFEST}.tmp")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, manifest)
-    log.debug("synth %s: %d volumes, %d slices, %.1f MB in %.1f s", spec.name, len(jobs), n_slices,
-             n_bytes / 1e6, summary["seconds"])
+    log.debug("synth %s: %d volumes, %d slices, %.1f MB in %.1f s",
+              spec.name, len(jobs), n_slices, n_bytes / 1e6, summary["seconds"])
     return summary
