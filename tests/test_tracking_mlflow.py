@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow.entities import Metric, Param
 
 from recon.events import CheckpointSaved, Divergence, EpochEnd, Panel, StageEnd, StageStart
 from tracking.mlflow_callback import MLflowCallback, mlflow_key, param_value, parent_run
-from tracking.spool import TrackingWriter, is_placeholder, spool_summary
+from tracking.spool import TrackingWriter, is_placeholder, replay_spool, spool_summary
 from tracking.stores import (
     Stores,
     default_optuna_storage,
@@ -171,6 +172,29 @@ def test_resume_reopens_the_run_without_duplicates_or_new_param_values(stores, c
     assert len(client.search_runs([run.info.experiment_id], f"tags.`smartify.output_dir` = '{tmp_path}'")) == 1
 
 
+def test_resume_while_offline_then_sync(stores, client, tmp_path):
+    cb = MLflowCallback(stores, experiment="unit", system_metrics=False, artifact_checkpoints=False)
+    cb.on_stage_start(stage_start(tmp_path, epochs=5))
+    run_epochs(cb, tmp_path, range(3))
+    cb.on_stage_end(stage_end(tmp_path, status="failed"))
+    state = cb.state_dict()
+
+    offline = TrackingWriter(stores, spool_dir=tmp_path / "spool", offline=True)
+    changed = {**CONFIG, "optim": {"lr": 5e-4, "epochs": 5}}
+    cb2 = MLflowCallback(stores, experiment="unit", system_metrics=False, artifact_checkpoints=False, writer=offline)
+    cb2.on_stage_start(stage_start(tmp_path, start=2, epochs=5, config=changed, resume_state=state))
+    run_epochs(cb2, tmp_path, range(2, 5))
+    cb2.on_stage_end(stage_end(tmp_path))
+    run_id = state["mlflow_run_id"]
+    assert cb2.state_dict() == state and steps(client, run_id, "train/loss") == [0, 1, 2]
+
+    stats = replay_spool(stores, spool_dir=tmp_path / "spool")
+    assert stats.pending == 0 and stats.rejected == 0 and stats.skipped_metrics == len(epoch_end(2).metrics)
+    run = client.get_run(run_id)
+    assert steps(client, run_id, "train/loss") == [0, 1, 2, 3, 4] and run.info.status == "FINISHED"
+    assert run.data.params["optim.lr"] == "0.001" and run.data.tags["resume.changed_params"] == "optim.lr"
+
+
 def test_pipeline_parent_and_lineage_tags(stores, client, tmp_path):
     writer = TrackingWriter(stores)
     with parent_run(stores, "unit", "pipeline", writer=writer) as parent_id:
@@ -254,6 +278,42 @@ def test_unreachable_server_spools_without_blocking(tmp_path, monkeypatch):
     files = sorted(p.name.split("-", 1)[1] for p in (stores.spool_dir / f"{run_id}.files").iterdir())
     assert files == sorted(["config.yaml", "data_fingerprint.json", "curves.png", "schedules.png", "last.pt",
                             "best.pt", "panel_epoch0001.png"])
+
+
+def test_offline_spool_replays_exactly_once(stores, client, tmp_path):
+    spool_dir = tmp_path / "spool"
+    exp = get_or_create_experiment("replay", stores, client)
+    run_id = client.create_run(exp).info.run_id
+    client.log_batch(run_id, metrics=[Metric("a", 1.0, 1, 0), Metric("a", 2.0, 2, 1)], params=[Param("p", "1")])
+
+    off = TrackingWriter(stores, spool_dir=spool_dir, offline=True)
+    parent = off.create_run("replay", "parent", {"smartify.kind": "pipeline"})
+    child = off.create_run("replay", "child", {"mlflow.parentRunId": parent})
+    off.log_batch(child, metrics=[("loss", 0.5, 10, 0), ("loss", 0.4, 11, 1)], params={"lr": "0.1"})
+    off.log_batch(run_id, metrics=[("a", 2.5, 3, 1), ("a", 3.0, 4, 2)], params={"p": "2", "q": "3"})
+    off.log_batch(run_id, metrics=[("a", 3.5, 5, 2)])  # the same step again (engine replayed an epoch)
+    for version in ("old", "new"):
+        (tmp_path / "notes.txt").write_text(version)
+        off.log_artifact(run_id, tmp_path / "notes.txt", "docs", name="notes.txt")
+    off.set_terminated(run_id, "FINISHED")
+    off.set_terminated(child, "FINISHED")
+    assert off.flush().sent == 0 and sum(spool_summary(spool_dir).values()) == 9
+
+    stats = replay_spool(stores, spool_dir=spool_dir)
+    assert (stats.created, stats.skipped_metrics, stats.superseded, stats.rejected, stats.pending) == (2, 2, 1, 0, 0)
+    assert spool_summary(spool_dir) == {} and not list(spool_dir.glob("*.files"))
+    assert [(m.step, m.value) for m in sorted(client.get_metric_history(run_id, "a"), key=lambda m: m.step)] == [
+        (0, 1.0), (1, 2.0), (2, 3.0)]
+    run = client.get_run(run_id)
+    assert run.data.params == {"p": "1", "q": "3"} and run.data.tags["resume.changed_params"] == "p"
+    assert run.info.status == "FINISHED"
+    notes = Path(client.download_artifacts(run_id, "docs/notes.txt", str(tmp_path / "dl")))
+    assert notes.read_text() == "new"
+    real_child = off.resolve(child)
+    child_run = client.get_run(real_child)
+    assert child_run.data.tags["mlflow.parentRunId"] == off.resolve(parent) and child_run.info.run_name == "child"
+    assert steps(client, real_child, "loss") == [0, 1] and child_run.data.params == {"lr": "0.1"}
+    assert replay_spool(stores, spool_dir=spool_dir).sent == 0
 
 
 def test_stores_resolution(tmp_path, monkeypatch):

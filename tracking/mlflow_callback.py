@@ -228,11 +228,10 @@ class MLflowCallback(Callback):
         if len(rows) < len(event.metrics):
             log.info("epoch %d: %d metric(s) already in run %s, not logged again",
                      event.epoch, len(event.metrics) - len(rows), self.run_id)
-        if rows:
-            self.writer.log_batch(self.run_id, metrics=rows)
+        sent = self.writer.log_batch(self.run_id, metrics=rows) if rows else False
         self._plots(event)
-        if self.system_metrics and self._monitor_dead():
-            self._start_monitor(resume=True)
+        if sent and self.system_metrics and self._monitor_dead():
+            self._start_monitor(resume=True)  # the server answered just now
 
     def on_checkpoint(self, event: CheckpointSaved) -> None:
         if self.run_id is None or not self.artifact_checkpoints:
@@ -404,6 +403,7 @@ class MLflowCallback(Callback):
         real = self.writer.resolve(self.run_id) if self.run_id else None
         if not self.system_metrics or real is None or not self.writer.online:
             return
+        self._stop_monitor()
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
@@ -416,10 +416,9 @@ class MLflowCallback(Callback):
         self.writer.log_batch(self.run_id, tags={"smartify.system_metrics": "mlflow"})
 
     def _monitor_dead(self) -> bool:
-        # MLflow's monitor stops for good when the server does not answer; restart it once it does.
+        # MLflow's monitor stops for good when the server does not answer; it is restarted once it does.
         thread = getattr(self._monitor, "_process", None)
-        return self.writer.online and self.writer.resolve(self.run_id) is not None and not (
-            thread is not None and thread.is_alive())
+        return not (thread is not None and thread.is_alive())
 
     def _stop_monitor(self) -> None:
         if self._monitor is not None:

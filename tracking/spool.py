@@ -83,6 +83,14 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError)
 
 
+def is_refused(exc: BaseException) -> bool:
+    """Whether a non-transient failure is the record's fault (refused, bad local file), not a bug here."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, (MlflowException, requests.HTTPError, OSError, ValueError)) and not is_transient(exc)
+
+
 class _Blocked(Exception):
     """A record refers to a placeholder run that does not exist on the server yet."""
 
@@ -323,6 +331,8 @@ class TrackingWriter:
         client: an ``MlflowClient`` for ``stores`` (made lazily if None).
         retry_after: seconds without network attempts after a first failure (doubles per failure).
         max_retry_after: upper bound of that window.
+        offline: never contact the server; everything is spooled for a later ``smartify tracking sync``
+            (e.g. compute nodes without access to the tracking server).
     """
 
     def __init__(
@@ -332,8 +342,10 @@ class TrackingWriter:
         client=None,
         retry_after: float = 5.0,
         max_retry_after: float = 60.0,
+        offline: bool = False,
     ) -> None:
         self.stores = stores
+        self.offline = offline
         self.spool = Spool(spool_dir or stores.spool_dir)
         self._client = client
         self._uri = redact_uri(stores.tracking_uri)
@@ -353,8 +365,8 @@ class TrackingWriter:
 
     @property
     def online(self) -> bool:
-        """False while the writer waits after a failure (records go straight to the spool)."""
-        return time.monotonic() >= self._offline_until
+        """False while the writer waits after a failure (records go straight to the spool), or when offline."""
+        return not self.offline and time.monotonic() >= self._offline_until
 
     def resolve(self, run_id: str) -> str | None:
         """The server's id of ``run_id`` (itself unless a placeholder); None if not created yet."""
@@ -426,7 +438,8 @@ class TrackingWriter:
                 self._went_offline(exc)
         placeholder = PLACEHOLDER_PREFIX + uuid.uuid4().hex
         self._spool(placeholder, record)
-        log.warning("run for %s not created yet (server unreachable); local id %s", run_name, placeholder)
+        log.warning("run for %s not created yet (%s); local id %s", run_name,
+                    "offline" if self.offline else "server unreachable", placeholder)
         return placeholder
 
     def log_batch(
@@ -459,6 +472,8 @@ class TrackingWriter:
 
     def flush(self, force: bool = False) -> ReplayStats:
         """Replay pending records of this tracking URI (skipped while offline unless ``force``)."""
+        if self.offline:
+            return ReplayStats(pending=self.pending_records())
         if not self.online:
             if not force:
                 return ReplayStats(pending=self.pending_records())
@@ -511,10 +526,12 @@ class TrackingWriter:
                 return False
             _send_record(self.client, self.resolve(key), resolved, file)
         except Exception as exc:
-            if not is_transient(exc):
+            if is_refused(exc):
                 log.error("tracking record refused by %s (%s): %s", self._uri, record["op"], exc)
                 self.spool.reject(key, record, str(exc))
                 return False
+            if not is_transient(exc):
+                raise
             self._went_offline(exc)
             self._spool(key, record, file)
             return False
@@ -588,6 +605,8 @@ class _Replayer:
                         self.w._went_offline(exc)
                         self.stats.pending += len(records) - i
                         return
+                    if not is_refused(exc):
+                        raise
                     log.error("spooled %s for %s refused: %s", rec["op"], key, exc)
                     spool.reject(key, rec, str(exc))
                     self.stats.rejected += 1

@@ -1,6 +1,6 @@
 """``smartify ui``: the MLflow UI on the embedded store (or whatever ``MLFLOW_TRACKING_URI`` names).
 
-Runs ``mlflow ui`` on 127.0.0.1 with the store's backend URI and artifact root, and prints the URL
+Replaces itself with ``mlflow ui`` on 127.0.0.1 with the store's backend URI and artifact root, and prints the URL
 to open. A tracking server (``MLFLOW_TRACKING_URI=http://...``) already has a UI: its URL is
 printed instead. Binding to another interface needs an explicit ``--host`` and prints a warning.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import subprocess
+import os
 import sys
 
 from recon.errors import InputError
@@ -79,10 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(" ".join(command))
         return 0
-    proc = subprocess.Popen(command)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=30)
-        raise
+    sys.stdout.flush()
+    # Become the MLflow server: Ctrl-C and kill reach it directly and nothing is left orphaned.
+    os.execv(sys.executable, command)
+    return 0  # not reached
