@@ -98,8 +98,10 @@ def project(rates: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[
     slices = {"brain": args.brain_slices, "knee": args.knee_slices}
     total_slices = ACC_FOLDERS * FILES_PER_ANATOMY * sum(slices.values())
     seconds = ACC_FOLDERS * FILES_PER_ANATOMY * sum(slices[a] * rates[a]["seconds_per_slice"] for a in slices)
+    cpu = ACC_FOLDERS * FILES_PER_ANATOMY * sum(slices[a] * rates[a]["cpu_seconds_per_slice"] for a in slices)
     return {
         "files": ACC_FOLDERS * 2 * FILES_PER_ANATOMY, "slices": total_slices, "seconds": seconds,
+        "cpu_seconds": cpu,
         "budget_s": args.budget_s, "within_budget": seconds < args.budget_s,
         "verdict": "within budget" if seconds < args.budget_s else "OVER BUDGET",
         "slices_per_file": slices,
@@ -159,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  leaderboard {p['files']} files = {ACC_FOLDERS} x ({FILES_PER_ANATOMY} brain x "
               f"{p['slices_per_file']['brain']} + {FILES_PER_ANATOMY} knee x {p['slices_per_file']['knee']}) = "
               f"{p['slices']} slices: {p['seconds']:.0f} s projected vs {p['budget_s']:.0f} s budget: {p['verdict']}")
+        if name == "cpu":
+            print(f"  (from CPU time: {p['cpu_seconds']:.0f} CPU s, the wall time of one uncontended core; "
+                  f"{p['cpu_seconds'] / max(report['cpu_threads'], 1):.0f} s if all {report['cpu_threads']} "
+                  "threads scaled perfectly)")
     print(f"\npeak RSS {report['peak_rss_mib']:.0f} MiB; load average {report['load_average_start']:.1f} at the start, "
           f"{report['load_average_end']:.1f} at the end (other processes on the cores slow the wall times)")
     return 0
