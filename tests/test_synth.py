@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from recon.data.layout import discover_leaderboard, discover_pairs, validate_pair
-from recon.data.synth import PRESETS, plan_jobs, resolve_preset, write_dataset
+from recon.data.synth import PRESETS, plan_jobs, resolve_preset, write_dataset, write_volume
 from recon.errors import InputError
 from recon.fft import center_crop, ifft2c_np, rss
 from recon.masks import acs_bounds, acs_width, public_mask
@@ -161,6 +161,19 @@ def test_determinism_and_per_volume_seeding(tiny_data: Path, tmp_path: Path) -> 
             assert ref[key].shape != other[key].shape or not np.allclose(ref[key][()], other[key][()])
         assert (tiny_data / rel).read_bytes() == (tmp_path / "a" / rel).read_bytes()  # byte for byte
     assert not (tmp_path / "a" / "val").exists() or not any((tmp_path / "a" / "val").rglob("*.h5"))
+
+
+def test_interrupted_write_leaves_nothing(tmp_path: Path) -> None:
+    job = plan_jobs(PRESETS["tiny"])[0]
+
+    def boom() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_volume(tmp_path, job, PRESETS["tiny"], seed=0, grappa="none", on_slice=boom)
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    write_volume(tmp_path, job, PRESETS["tiny"], seed=0, grappa="none")
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == [job.name, job.name]
 
 
 def test_grappa_none_omits_the_key(tmp_path: Path) -> None:

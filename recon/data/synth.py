@@ -23,7 +23,7 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
+import secrets
 import time
 import zlib
 from dataclasses import dataclass
@@ -255,9 +255,8 @@ class VolumeModel:
 
 
 def _temp_h5(folder: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    return Path(tmp)
+    """A fresh temp name next to the final file (h5py creates it, so the umask applies)."""
+    return folder / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
 def write_volume(root: Path, job: VolumeJob, preset: SynthPreset, seed: int, grappa: str,
@@ -283,7 +282,7 @@ def write_volume(root: Path, job: VolumeJob, preset: SynthPreset, seed: int, gra
     c, h, w = preset.shape(job.anatomy)
     s, crop = model.n_slices, preset.crop
     try:
-        with h5py.File(ktmp, "w") as kf, h5py.File(itmp, "w") as imf:
+        with h5py.File(ktmp, "w-") as kf, h5py.File(itmp, "w-") as imf:
             kspace = kf.create_dataset("kspace", shape=(s, c, h, w), dtype=np.complex64)
             kf.create_dataset("mask", data=model.mask.astype(np.float32))
             keys = ["image_label", "image_input"] + (["image_grappa"] if grappa == "numpy" else [])
