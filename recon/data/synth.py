@@ -84,7 +84,7 @@ class SynthPreset:
     n_val: int
     n_leaderboard: int
     noise: float = 0.02
-    brain_max: tuple[float, float] = (2e-4, 6e-4)
+    brain_max: tuple[float, float] = (2e-4, 5.5e-4)
     knee_max: tuple[float, float] = (1.5e-4, 4e-4)
     slice_gap: float = 0.06
     coil_radius: float = 0.5
