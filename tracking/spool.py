@@ -119,11 +119,6 @@ class ReplayStats:
     pending: int = 0
     elsewhere: int = 0
 
-    def add(self, other: "ReplayStats") -> None:
-        """Accumulate another replay's counts."""
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
 
 class Spool:
     """The on-disk spool folder (see the module docstring for the layout)."""
@@ -177,7 +172,11 @@ class Spool:
             end = data.find(b"\n", offset)
             if end < 0:
                 break  # a line being written right now
-            out.append((end + 1, json.loads(data[offset:end])))
+            try:
+                record = json.loads(data[offset:end])
+            except ValueError:  # a torn write (crash mid-line): kept as a rejected record by the replay
+                record = {"op": "corrupt", "raw": data[offset:end].decode(errors="replace")}
+            out.append((end + 1, record))
             offset = end + 1
         return out
 
@@ -189,8 +188,13 @@ class Spool:
         """Spool keys with a record file, least recently modified first."""
         if not self.dir.is_dir():
             return []
-        files = sorted(self.dir.glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
-        return [p.name[: -len(".jsonl")] for p in files if not p.name.endswith(".rejected.jsonl")]
+        found = []
+        for path in self.dir.glob("*.jsonl"):
+            try:
+                found.append((path.stat().st_mtime, path.name[: -len(".jsonl")]))
+            except FileNotFoundError:  # compacted meanwhile
+                continue
+        return [key for _, key in sorted(found) if not key.endswith(".rejected")]
 
     def store_file(self, key: str, src: str | Path) -> str:
         """Keep a copy of ``src`` for a later upload; returns its path relative to the spool folder."""
@@ -234,8 +238,9 @@ class Spool:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if os.fstat(fd).st_size != self.done_offset(key):
                 return False
-            path.unlink()
+            # .done first: a crash in between means an idempotent replay, never a stale offset.
             self._path(key, ".done").unlink(missing_ok=True)
+            path.unlink()
             shutil.rmtree(self._path(key, ".files"), ignore_errors=True)
             self._path(key, ".lock").unlink(missing_ok=True)
             return True
@@ -407,9 +412,8 @@ class TrackingWriter:
 
     # ---- writes -------------------------------------------------------------------------------
 
-    def create_run(
-        self, experiment: str, run_name: str | None, tags: dict[str, str], start_time: int | None = None
-    ) -> str:
+    def create_run(self, experiment: str, run_name: str | None, tags: dict[str, str],
+                   start_time: int | None = None) -> str:
         """Create a run; returns its id, or a placeholder id when the server is unreachable.
 
         Args:
@@ -421,15 +425,13 @@ class TrackingWriter:
         Returns:
             The run id (``local-...`` when it will be created at replay time).
         """
-        record = {
-            "op": "create_run", "experiment": experiment, "run_name": run_name, "tags": dict(tags),
-            "start_time": start_time or _now_ms(),
-        }
+        record = {"op": "create_run", "experiment": experiment, "run_name": run_name, "tags": dict(tags),
+                  "start_time": start_time or _now_ms()}
         if self.online:
-            if any(self.resolve(k) is None for k in self._placeholder_refs(record)):
+            if self._resolved_tags(record) is None:
                 self.flush()  # the parent run may be creatable now
             try:
-                resolved = self._resolved_record(record)
+                resolved = self._resolved_tags(record)
                 if resolved is not None and self.online:
                     return self._create(resolved)
             except Exception as exc:
@@ -442,21 +444,15 @@ class TrackingWriter:
                     "offline" if self.offline else "server unreachable", placeholder)
         return placeholder
 
-    def log_batch(
-        self,
-        run_id: str,
-        metrics: Sequence[MetricRow] = (),
-        params: dict[str, str] | None = None,
-        tags: dict[str, str] | None = None,
-    ) -> bool:
+    def log_batch(self, run_id: str, metrics: Sequence[MetricRow] = (), params: dict[str, str] | None = None,
+                  tags: dict[str, str] | None = None) -> bool:
         """Log metrics ``(key, value, timestamp_ms, step)``, params and tags; True if sent now."""
         record = {"op": "log_batch", "metrics": [list(m) for m in metrics], "params": dict(params or {}),
                   "tags": dict(tags or {})}
         return self._write(run_id, record)
 
-    def log_artifact(
-        self, run_id: str, local_path: str | Path, artifact_path: str | None = None, name: str | None = None
-    ) -> bool:
+    def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None,
+                     name: str | None = None) -> bool:
         """Upload a file as ``<artifact_path>/<name>`` (overwrites); True if sent now."""
         name = name or Path(local_path).name
         record = {"op": "log_artifact", "artifact_path": artifact_path, "name": name}
@@ -487,18 +483,14 @@ class TrackingWriter:
 
     # ---- internals ----------------------------------------------------------------------------
 
-    def _placeholder_refs(self, record: dict[str, Any]) -> list[str]:
-        return [v for k, v in record.get("tags", {}).items() if k in RUN_ID_TAGS and is_placeholder(str(v))]
-
-    def _resolved_record(self, record: dict[str, Any]) -> dict[str, Any] | None:
+    def _resolved_tags(self, record: dict[str, Any], resolve=None) -> dict[str, Any] | None:
         """The record with placeholder run ids in tags replaced, or None if one is not created yet."""
         tags = dict(record.get("tags", {}))
         for k in RUN_ID_TAGS:
             if k in tags and is_placeholder(str(tags[k])):
-                real = self.resolve(str(tags[k]))
-                if real is None:
+                tags[k] = (resolve or self.resolve)(str(tags[k]))
+                if tags[k] is None:
                     return None
-                tags[k] = real
         return {**record, "tags": tags} if "tags" in record else record
 
     def _create(self, record: dict[str, Any]) -> str:
@@ -520,7 +512,7 @@ class TrackingWriter:
                 self.flush()
             return False
         try:
-            resolved = self._resolved_record(record)
+            resolved = self._resolved_tags(record)
             if resolved is None:
                 self._spool(key, record, file)
                 return False
@@ -583,7 +575,7 @@ class _Replayer:
             if not locked:
                 self.stats.pending += len(records)
                 return
-            if any(r.get("uri") != self.w._uri for _, r in records):
+            if any(r.get("uri", self.w._uri) != self.w._uri for _, r in records):
                 self.stats.elsewhere += 1
                 return
             latest = {}
@@ -627,13 +619,10 @@ class _Replayer:
         if op == "create_run":
             if self.w.resolve(key) is not None:
                 return  # created by an earlier replay that stopped before marking it done
-            tags = {k: (self._real_id(v) if k in RUN_ID_TAGS and is_placeholder(str(v)) else v)
-                    for k, v in rec["tags"].items()}
-            real = self.w._create({**rec, "tags": tags})
+            real = self.w._create(self.w._resolved_tags(rec, self._real_id))
             self.w.spool.set_mapping(key, real)
             self.w._known[key] = real
-            self.stats.created += 1
-            self.stats.sent += 1
+            self.stats.created, self.stats.sent = self.stats.created + 1, self.stats.sent + 1
             log.info("created run %s for local id %s", real, key)
             return
         run_id = self._real_id(key)
@@ -641,9 +630,8 @@ class _Replayer:
         if op == "log_batch":
             metrics = [row for row in rec["metrics"] if int(row[3]) not in self._existing_steps(run_id, row[0])]
             self.stats.skipped_metrics += len(rec["metrics"]) - len(metrics)
-            tags = {k: (self._real_id(v) if k in RUN_ID_TAGS and is_placeholder(str(v)) else v)
-                    for k, v in rec["tags"].items()}
-            rec = {**rec, "metrics": metrics, "params": self._new_params(run_id, rec["params"]), "tags": tags}
+            rec = {**self.w._resolved_tags(rec, self._real_id), "metrics": metrics,
+                   "params": self._new_params(run_id, rec["params"])}
         elif op == "log_artifact":
             if superseded:
                 self.stats.superseded += 1
