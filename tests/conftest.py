@@ -7,6 +7,9 @@ import os
 # before anything imports mlflow or matplotlib
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# tiny tensors gain nothing from threads, and OpenMP threads on a loaded 2-core machine cost ~50x;
+# subprocesses (CLI tests, torchrun) inherit this
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from pathlib import Path  # noqa: E402
 
@@ -26,3 +29,16 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny_data")
     write_dataset(root, preset="tiny", seed=0, grappa="numpy")
     return root
+
+
+@pytest.fixture(autouse=True)
+def _isolated_tracking(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test tracks into its own store, never the checkout's ``mlruns/`` or a user's server.
+
+    Tests that need a particular store set ``SMARTIFY_HOME`` or ``MLFLOW_TRACKING_URI`` themselves.
+    """
+    home = tmp_path_factory.mktemp("smartify_home")
+    monkeypatch.setenv("SMARTIFY_HOME", str(home))
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    return home
