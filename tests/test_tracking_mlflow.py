@@ -316,6 +316,18 @@ def test_offline_spool_replays_exactly_once(stores, client, tmp_path):
     assert replay_spool(stores, spool_dir=spool_dir).sent == 0
 
 
+def test_panel_plot_checks_its_input(tmp_path):
+    from tracking.plots import plot_panel
+
+    good = Panel("a", np.zeros((8, 8)), np.zeros((8, 8)), np.ones((8, 8)))
+    assert plot_panel([good], tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="one shape"):
+        plot_panel([Panel("b", np.zeros((8, 8)), np.zeros((8, 9)), np.zeros((8, 8)))], tmp_path / "q.png")
+    with pytest.raises(ValueError, match="no panels"):
+        plot_panel([], tmp_path / "r.png")
+    assert not (tmp_path / "q.png").exists()
+
+
 def test_stores_resolution(tmp_path, monkeypatch):
     monkeypatch.setenv("SMARTIFY_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

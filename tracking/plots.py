@@ -16,10 +16,13 @@ from typing import Mapping, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 History = Mapping[str, Sequence[tuple[int, float]]]
 
 SCHEDULE_KEYS = ("lr", "p_mask", "p_aug")
+#: validation scores on one 0..1 scale (counts such as ``val/slices`` stay out of the plot)
+SCORE_WORDS = ("ssim", "accuracy", "leaderboard")
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -53,6 +56,7 @@ def _draw(ax, history: History, keys: Sequence[str], dashed: Sequence[str] = ())
         ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return drawn
 
 
@@ -60,8 +64,8 @@ def plot_curves(history: History, path: str | Path, title: str = "") -> Path:
     """Loss curves (left) and validation scores (right: overall, per group or expert, best so far).
 
     Args:
-        history: metric name -> ``(epoch, value)`` points; uses keys containing ``loss`` and keys
-            starting with ``val/`` or ``best_``.
+        history: metric name -> ``(epoch, value)`` points; uses keys containing ``loss``, and keys
+            starting with ``val/`` or ``best_`` that name a score (SSIM, accuracy, leaderboard).
         path: output PNG.
         title: figure title.
 
@@ -69,7 +73,8 @@ def plot_curves(history: History, path: str | Path, title: str = "") -> Path:
         ``path``.
     """
     losses = sorted(k for k in history if "loss" in k)
-    scores = sorted(k for k in history if (k.startswith("val/") or k.startswith("best_")) and "loss" not in k)
+    scores = sorted(k for k in history if k.startswith(("val/", "best_")) and "loss" not in k
+                    and any(word in k for word in SCORE_WORDS))
     fig = Figure(figsize=(11, 4))
     ax_loss, ax_val = fig.subplots(1, 2)
     if _draw(ax_loss, history, losses):
