@@ -234,9 +234,10 @@ class MLflowCallback(Callback):
             self._start_monitor(resume=True)  # the server answered just now
 
     def on_checkpoint(self, event: CheckpointSaved) -> None:
-        if self.run_id is None or not self.artifact_checkpoints:
+        if self.run_id is None:
             return
-        self.writer.log_artifact(self.run_id, event.path, "checkpoints", name=f"{event.kind}.pt")
+        if self.artifact_checkpoints:
+            self.writer.log_artifact(self.run_id, event.path, "checkpoints", name=f"{event.kind}.pt")
         if event.kind == "best":
             tags = {"smartify.best_epoch": str(event.epoch)}
             if event.metric is not None:
