@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{p['slices_per_file']['brain']} + {FILES_PER_ANATOMY} knee x {p['slices_per_file']['knee']}) = "
               f"{p['slices']} slices: {p['seconds']:.0f} s projected vs {p['budget_s']:.0f} s budget: {p['verdict']}")
         if name == "cpu":
-            print(f"  (from CPU time: {p['cpu_seconds']:.0f} CPU s, the wall time of one uncontended core; "
-                  f"{p['cpu_seconds'] / max(report['cpu_threads'], 1):.0f} s if all {report['cpu_threads']} "
-                  "threads scaled perfectly)")
+            threads = report["cpu_threads"]
+            scaled = f"; {p['cpu_seconds'] / threads:.0f} s if {threads} threads scaled perfectly" if threads > 1 else ""
+            print(f"  (from CPU time: {p['cpu_seconds']:.0f} CPU s, the wall time of one uncontended core{scaled})")
     print(f"\npeak RSS {report['peak_rss_mib']:.0f} MiB; load average {report['load_average_start']:.1f} at the start, "
           f"{report['load_average_end']:.1f} at the end (other processes on the cores slow the wall times)")
     return 0
