@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "synth",
     "evaluate",
     "train",
+    "tune",
     "models",
     "promote",
     "reconstruct",

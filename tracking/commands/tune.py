@@ -1,0 +1,139 @@
+"""``smartify tune TUNE.yaml``: an Optuna study over a training stage under a GPU-memory budget."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from tracking.commands.train import add_stage_arguments
+
+log = logging.getLogger(__name__)
+
+EPILOG = """examples:
+  smartify tune experiments/tune.yaml --trials 40 --memory-budget 8GiB
+  smartify tune experiments/tiny/tune.yaml --trials 4 --set data.root=data/tiny
+  smartify tune experiments/tune.yaml --workers 2 --trials 20          # 2 processes, one study
+  smartify tune experiments/tune.yaml --storage postgresql://user@db/optuna --study pmr   # on each machine
+  optuna-dashboard sqlite:///mlruns/optuna.db                           # watch the study live
+
+what a trial does:
+  It samples the tune file's space, builds the base stage (+ fixed, trial_only, --set, the sampled values),
+  predicts its peak memory with the memory probe on the largest training input and, above the budget, is
+  pruned at once (prune_reason=oom-predicted). Otherwise it trains epochs_per_trial epochs, reporting the
+  metric every epoch to the pruner. A real out-of-memory error (prune_reason=oom) or a divergence
+  (prune_reason=diverged) prunes the trial; any other error fails it; the study always goes on.
+
+storage and workers:
+  The study lives in --storage (default sqlite:///<home>/optuna.db, <home> = $SMARTIFY_HOME or
+  <repo>/mlruns) with heartbeats: a trial whose worker was killed is marked FAIL after the grace period and
+  retried with the same values. Running the same command in several processes (or --workers K) shares the
+  study; --trials is the number of trials this command runs (split over the K workers).
+
+the overlay:
+  The best trial's values are written to <overlay-dir>/<study>.yaml (default experiments/tuned/). It inherits
+  the base stage and sets the tune file's fixed keys and the tuned keys, so it trains as it is:
+    smartify train experiments/tuned/<study>.yaml
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="tune augmentation and model size with Optuna under a memory budget",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Run (or join) an Optuna study over a training stage.")
+    p.add_argument("config", help="tune YAML file (experiments/tune.yaml)")
+    p.add_argument("--trials", type=int, default=None, metavar="N",
+                   help="trials this command runs (default: n_trials of the tune file; 0: only report)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="start no trial after S seconds")
+    p.add_argument("--storage", metavar="URL", help="Optuna RDB storage (default: sqlite:///<home>/optuna.db)")
+    p.add_argument("--study", metavar="NAME", help="study name (default: the tune file's study or file name)")
+    p.add_argument("--memory-budget", metavar="SIZE", help="GPU memory per trial, e.g. 8GiB, 7.5GB, none")
+    add_stage_arguments(p)
+    p.add_argument("--workers", type=int, default=1, metavar="K",
+                   help="run the trials in K worker processes on the same study (default: 1, in this process)")
+    p.add_argument("--overlay-dir", metavar="DIR", help="where <study>.yaml is written (default: experiments/tuned)")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--experiment", default="smartify-tune", help="MLflow experiment (default: %(default)s)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers: no report
+    p.set_defaults(func=run)
+
+
+def split_trials(total: int, workers: int) -> list[int]:
+    """``total`` trials over ``workers`` processes, as evenly as possible."""
+    return [total // workers + (1 if i < total % workers else 0) for i in range(workers)]
+
+
+def _worker_argv(args: argparse.Namespace, storage: str, study: str, trials: int) -> list[str]:
+    argv = [sys.executable, "-m", "tracking.cli"]
+    if getattr(args, "verbose", False):
+        argv.append("-v")
+    if getattr(args, "quiet", False):
+        argv.append("-q")
+    argv += ["tune", args.config, "--worker", "--trials", str(trials), "--storage", storage, "--study", study,
+             "--experiment", args.experiment]
+    if args.timeout is not None:
+        argv += ["--timeout", str(args.timeout)]
+    if args.memory_budget is not None:
+        argv += ["--memory-budget", args.memory_budget]
+    if args.no_tracking:
+        argv.append("--no-tracking")
+    for item in args.overrides:
+        argv += ["--set", item]
+    return argv
+
+
+def _print_result(result) -> None:
+    print(f"study {result.study} in {result.storage}")
+    print(result.table)
+    for key, values in result.excluded.items():
+        print(f"{key}: {values} never proposed (zero-channel attention layers)")
+    by_kind: dict[str, list[float]] = {}
+    for row in result.rows:
+        if row["seconds"] is None:
+            continue
+        kind = row["reason"] if row["state"] == "PRUNED" else row["state"].lower()
+        by_kind.setdefault(kind, []).append(row["seconds"])
+    if by_kind:
+        print("seconds per trial: " + ", ".join(f"{k} {sum(v) / len(v):.2f} (n={len(v)})"
+                                                 for k, v in sorted(by_kind.items())))
+    if result.overlay is not None:
+        print(f"overlay: {result.overlay}  (smartify train {result.overlay})")
+    for name, path in result.figures.items():
+        print(f"figure {name}: {path}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tracking.tune import TuneOptions, finish, prepare, run_tune
+
+    if args.workers < 1:
+        print("smartify tune: error: --workers must be >= 1", file=sys.stderr)
+        return 2
+    options = TuneOptions(
+        tune_file=Path(args.config), trials=args.trials, timeout=args.timeout, storage=args.storage,
+        study=args.study, memory_budget=args.memory_budget, overrides=tuple(args.overrides),
+        overlay_dir=Path(args.overlay_dir) if args.overlay_dir else None, tracking=not args.no_tracking,
+        experiment=args.experiment, finalize=not args.worker,
+    )
+    if args.workers == 1:
+        result = run_tune(options)
+        if result is not None:
+            _print_result(result)
+        return 0
+    # The study (and its MLflow run) is created here, once, before any worker starts: no schema race.
+    prepared = prepare(options)
+    total = prepared.session.cfg.n_trials if args.trials is None else args.trials
+    procs = []
+    for n in split_trials(total, args.workers):
+        if n == 0 and args.timeout is None:
+            continue
+        argv = _worker_argv(args, prepared.storage_url, prepared.study.study_name, n)
+        log.info("starting worker: %s", " ".join(argv))
+        procs.append(subprocess.Popen(argv))
+    codes = [p.wait() for p in procs]
+    failed = [c for c in codes if c != 0]
+    if failed:
+        log.error("%d of %d workers exited with an error (codes %s)", len(failed), len(codes), failed)
+    _print_result(finish(prepared, options.overlay_dir))
+    return 1 if failed else 0
