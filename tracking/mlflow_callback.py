@@ -284,6 +284,9 @@ class MLflowCallback(Callback):
             json.dumps(event.data_fingerprint, sort_keys=True, default=str).encode()).hexdigest()
         ours = {**{mlflow_key(f"seed.{k}"): v for k, v in event.seeds.items()},
                 "data.root": event.data_root, "data.fingerprint": digest, "model.param_count": event.param_count}
+        if event.data_fingerprint.get("val_digest"):
+            # the digest of the validation split alone: what promotion compares scores on
+            ours["data.val_fingerprint"] = event.data_fingerprint["val_digest"]
         for key in sorted(set(flat) & set(ours)):
             if str(flat[key]) != str(ours[key]):
                 log.debug("param %s: config value %r replaced by the stage's %r", key, flat[key], ours[key])

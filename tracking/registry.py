@@ -14,7 +14,8 @@ What a version holds (artifacts of the stage's MLflow run, under
     smartify-model.json  format, kind, stage, epoch, experts, score, sha256 of weights.pt, loader
 
 and tags on the model version: ``val_metric`` (``ssim`` | ``accuracy``), ``val_score``,
-``data_fingerprint`` (digest of the stage's data, from the run's ``data.fingerprint`` param),
+``data_fingerprint`` (digest of the validation split, from the run's ``data.val_fingerprint`` param, or of
+all its data, ``data.fingerprint``, for runs that lack it),
 ``val_protocol`` (validation split, slice cap, whether the stage trained on it), ``stage``,
 ``kind``, ``family``, ``epoch``, ``experts``, ``weights_digest`` (content hash of the tensors),
 ``weights_sha256`` (file hash), ``checkpoint`` (the file registered).
@@ -73,7 +74,9 @@ WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.yaml"
 MODEL_CONFIG_FILE = "model_config.json"
 DESCRIPTION_FILE = "smartify-model.json"
-#: Param of a stage run holding the data fingerprint digest (written by tracking.mlflow_callback).
+#: Params of a stage run holding data fingerprint digests (written by tracking.mlflow_callback): the
+#: validation split's alone (preferred: promotion compares scores on it), else the whole data set's.
+VAL_FINGERPRINT_PARAM = "data.val_fingerprint"
 FINGERPRINT_PARAM = "data.fingerprint"
 #: Key of ``checkpoint["tracking"]`` holding the stage's MLflow run id.
 RUN_ID_KEY = "mlflow_run_id"
@@ -310,7 +313,8 @@ def _run_for(client, payload: dict[str, Any], stores: Stores, experiment: str) -
     if run_id:
         try:
             run = client.get_run(run_id)
-            return run.info.run_id, run.data.params.get(FINGERPRINT_PARAM)
+            params = run.data.params
+            return run.info.run_id, params.get(VAL_FINGERPRINT_PARAM) or params.get(FINGERPRINT_PARAM)
         except MlflowException as exc:
             log.warning("%s: run %s not found in %s (%s); creating a registration run", source, run_id,
                         redact_uri(stores.tracking_uri), exc.error_code)
