@@ -122,7 +122,8 @@ def run_classifier_stage(
     callbacks.on_stage_start(StageStart(
         stage=cfg.stage.name, kind="classifier", family=None, config=resolved, seeds={"stage": cfg.seed,
         "model": cfg.classifier_model.seed}, data_root=str(cfg.data.root),
-        data_fingerprint=data_fingerprint(train_pairs + val_pairs),
+        data_fingerprint={**data_fingerprint(train_pairs + val_pairs),
+                          "val_digest": data_fingerprint(val_pairs)["digest"]},
         param_count=sum(p.numel() for p in params), device=str(device),
         determinism={**determinism_flags(), "deterministic": cfg.deterministic}, start_epoch=start,
         epochs=cfg.train.epochs, output_dir=out_dir, resume_state=resume_state,
