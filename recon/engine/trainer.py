@@ -224,6 +224,8 @@ class _Runner:
                     counts[f"mask/{it.mask_kind}"] += 1
                     counts["augmented"] += int(it.augmented)
                     counts[f"expert/{it.expert}"] += 1
+            if self.ctx.enabled:  # one decision on every rank: the global batch's mean loss
+                total = self.ctx.all_reduce_sum([total])[0] / self.ctx.world_size
             if not math.isfinite(total):
                 raise DivergenceError(Divergence(epoch, step, "non-finite loss", total))
             stuck = stuck + 1 if total >= STUCK_LOSS else 0
@@ -241,7 +243,8 @@ class _Runner:
             [float(sum(losses)), float(len(losses)), float(slices_here)] + [float(counts.get(k, 0)) for k in kinds]
         )
         loss_sum, steps, slices = summed[0], summed[1], summed[2]
-        metrics = {"train/loss": loss_sum / max(steps, 1.0), "train/steps": steps, "train/slices": slices}
+        metrics = {"train/loss": loss_sum / max(steps, 1.0), "train/steps": steps / self.ctx.world_size,
+                   "train/slices": slices}
         if slices:
             for key, value in zip(kinds, summed[3:]):
                 metrics[f"train/{key.replace('/', '_')}_fraction"] = value / slices
@@ -309,6 +312,7 @@ class _Runner:
         elif init_source:
             init_state = _init_weights(cfg, self.model, init_source)
         self.model.to(self.device)
+        self.ctx.broadcast_parameters(self.model)
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             params, lr=lr_at(cfg.lr, start), betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
@@ -425,6 +429,9 @@ def run_stage(
     """
     callbacks = callbacks if callbacks is not None else ConsoleCallback()
     if cfg.stage.kind == "classifier":
+        if dist.context().enabled:
+            raise InputError(f"stage {cfg.stage.name}: the classifier stage runs in one process; "
+                             "start it without --nproc/torchrun")
         from recon.engine.classifier_stage import run_classifier_stage
 
         return run_classifier_stage(cfg, resolved, callbacks, resume=resume, init_from=init_from)
