@@ -13,12 +13,17 @@
 3. **Divergence.** The engine's :class:`~recon.engine.trainer.DivergenceError` (NaN/inf loss, loss stuck at 1;
    PromptMR-plus #7) prunes with ``prune_reason=diverged`` and the engine's reason.
 4. **Pruner.** ``optuna.TrialPruned`` from the objective gets ``prune_reason=pruner`` unless it set one.
-5. **Anything else** is recorded (``error``, ``error_type``) and re-raised: the trial FAILs and, with
+5. **Anything else** is recorded (``error``, ``error_type``; the traceback goes to the log) and re-raised as
+   :class:`TrialError` without the original traceback: the trial FAILs and, with
    ``study.optimize(..., catch=CATCH)``, the study goes on.
 
-Memory is released after every trial, whatever the outcome. The prediction (:class:`MemoryPredictor`) uses the
-memory probe of :mod:`recon.memory` on the largest training input, with a free lower bound first (the input
-tensor alone) and a cache per model configuration, so repeated architectures cost nothing.
+Memory is released after every trial that ran the objective, whatever the outcome, once the exception is
+gone; ``gc_after_trial`` is then redundant (and a full collection costs ~0.2 s in a process that has torch
+and MLflow loaded, which would dominate a trial pruned on its prediction).
+
+The prediction (:class:`MemoryPredictor`) uses the memory probe of :mod:`recon.memory` on the largest training
+input, with a free lower bound first (the input tensor alone) and a cache per model configuration (seeds
+aside), so repeated architectures cost nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import gc
 import json
 import logging
 import math
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -91,6 +97,10 @@ class MemoryPrediction:
 Predict = Callable[[optuna.trial.Trial], "MemoryPrediction | int | None"]
 
 
+class TrialError(RuntimeError):
+    """A trial's objective raised: the message is the original ``Type: message``, its traceback is in the log."""
+
+
 class GuardedObjective:
     """The wrapped objective returned by :func:`guard_objective` (see the module docstring).
 
@@ -111,14 +121,17 @@ class GuardedObjective:
         self.after_trial = after_trial
 
     def __call__(self, trial: optuna.trial.Trial) -> float:
-        pruned: str | None = None
         inherited = trial.user_attrs
         for key in OWN_ATTRS:
             if inherited.get(key) is not None:
                 trial.set_user_attr(key, None)
+        pruned: str | None = None
+        failed: str | None = None
+        ran = False
         try:
             pruned = self._check_prediction(trial)
             if pruned is None:
+                ran = True
                 return self.objective(trial)
         except optuna.TrialPruned as exc:
             if trial.user_attrs.get(PRUNE_REASON) is None:
@@ -133,21 +146,26 @@ class GuardedObjective:
             trial.set_user_attr("divergence_loss", float(event.loss) if math.isfinite(event.loss) else str(event.loss))
             pruned = f"diverged: {event.reason}"
         except Exception as exc:
-            if not is_oom(exc):
-                trial.set_user_attr("error", _text(exc))
-                trial.set_user_attr("error_type", type(exc).__name__)
-                raise
-            trial.set_user_attr(PRUNE_REASON, OOM)
             trial.set_user_attr("error", _text(exc))
-            pruned = "out of memory during training"
+            if is_oom(exc):
+                trial.set_user_attr(PRUNE_REASON, OOM)
+                pruned = "out of memory during training"
+            else:
+                trial.set_user_attr("error_type", type(exc).__name__)
+                # the traceback goes to the log as text: a logged exception object would keep the frames alive
+                log.error("trial %d failed:\n%s", trial.number, "".join(traceback.format_exception(exc)).rstrip())
+                failed = _text(exc)
         finally:
             if self.after_trial is not None:
                 self.after_trial(trial)
-            # The except blocks are left here: the exception, its traceback and the frames holding the model and
-            # optimizer are unreachable now, so collection really frees them.
-            release_memory()
-        log.info("trial %d pruned: %s", trial.number, pruned)
+            if ran:
+                # The except blocks are left here: the exception, its traceback and the frames holding the model
+                # and optimizer are unreachable now, so collection really frees them.
+                release_memory()
         # no exception chaining: a __cause__ would keep the training frames (and the model) alive in Optuna
+        if failed is not None:
+            raise TrialError(failed) from None
+        log.info("trial %d pruned: %s", trial.number, pruned)
         raise optuna.TrialPruned(pruned)
 
     def _check_prediction(self, trial: optuna.trial.Trial) -> str | None:
@@ -230,7 +248,8 @@ class MemoryPredictor:
         lower = inp.input_bytes(cfg.model.num_adj_slices)
         if budget_bytes is not None and lower > budget_bytes:
             return MemoryPrediction(lower, "input-bound", {"input_bytes": lower})
-        key = json.dumps([cfg.model.to_dict(), inp.coils, inp.height, inp.width, inp.batch_size, self.device])
+        model = {k: v for k, v in cfg.model.to_dict().items() if k != "seed"}  # the seed does not change memory
+        key = json.dumps([model, inp.coils, inp.height, inp.width, inp.batch_size, self.device])
         source = "cache"
         estimate = self._cache.get(key)
         if estimate is None:

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import shutil
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,14 @@ from recon.events import Callback, CallbackList, ConsoleCallback, Divergence, Ep
 from recon.seeding import derive_seed, seed_everything
 from tracking.oom import CATCH, MemoryPrediction, MemoryPredictor, ProbeInput, guard_objective, release_memory
 from tracking.tune_config import SearchSpace, StageLayers, TuneConfig, format_bytes
-from tracking.tune_report import format_table, importance_evaluator, plot_study, summary_metrics, trial_rows, write_overlay
+from tracking.tune_report import (
+    format_table,
+    importance_evaluator,
+    plot_study,
+    summary_metrics,
+    trial_rows,
+    write_overlay,
+)
 from tracking.tune_tracking import StudyTracker
 
 log = logging.getLogger(__name__)
@@ -78,7 +86,6 @@ def open_storage(url: str, interval: int, grace_period: int, max_retry: int,
             Path(path).parent.mkdir(parents=True, exist_ok=True)
     # SQLite serialises writers; wait for the lock instead of failing while another worker writes.
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry) if max_retry > 0 else None
 
     def stale(study: optuna.Study, trial: FrozenTrial) -> None:
         log.warning("trial %d of study %s had no heartbeat for %d s: marked FAIL%s", trial.number,
@@ -88,10 +95,23 @@ def open_storage(url: str, interval: int, grace_period: int, max_retry: int,
         if on_stale is not None:
             on_stale(study, trial)
 
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval, grace_period=grace_period,
-                          heartbeat_stale_trial_callback=stale)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry) if max_retry > 0 else None
+        for attempt in range(3):
+            try:
+                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
+                                  grace_period=grace_period, heartbeat_stale_trial_callback=stale)
+            except (OperationalError, IntegrityError) as exc:
+                # Processes started together on a new database race to create its tables; the loser
+                # finds them on the next attempt. (--workers creates the study first and avoids this.)
+                if attempt == 2:
+                    raise
+                log.warning("storage not ready (%s); retrying", str(exc).splitlines()[0][:200])
+                time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
 
 
 class TrialSeededSampler(BaseSampler):
@@ -232,6 +252,7 @@ class TuneSession:
         output_root: folder of the trial outputs.
         tracker: MLflow tracking, or None.
         extra_callbacks: more engine callbacks for every trial (tests, custom reporting).
+        start_epoch: the base stage's first epoch (a trial trains ``epochs_per_trial`` from there).
     """
 
     cfg: TuneConfig
@@ -244,6 +265,7 @@ class TuneSession:
     output_root: Path
     tracker: StudyTracker | None = None
     extra_callbacks: list[Callback] = field(default_factory=list)
+    start_epoch: int = 0
 
     def trial_dir(self, number: int) -> Path:
         """The output folder of trial ``number``."""
@@ -256,13 +278,12 @@ class TuneSession:
             ``(config, resolved config, sampled values by dotted key)``.
         """
         params = self.space.sample(trial)
-        base, _ = self.layers.build()
         origin = trial.user_attrs.get(ORIGIN_ATTR)
         if origin is None:
             origin = trial.number
             trial.set_user_attr(ORIGIN_ATTR, origin)
         items = list(params.items()) + [
-            ("train.epochs", base.train.start_epoch + self.cfg.epochs_per_trial),
+            ("train.epochs", self.start_epoch + self.cfg.epochs_per_trial),
             ("output.dir", str(self.trial_dir(trial.number))),
             ("init_from", self.cfg.init_from),
         ]
@@ -308,8 +329,10 @@ class TuneSession:
     def optimize(self, study: optuna.Study, n_trials: int | None, timeout: float | None) -> None:
         """Run trials of ``study`` in this process until ``n_trials`` or ``timeout``."""
         callbacks = [self.tracker.on_trial_done] if self.tracker is not None else []
+        # gc_after_trial is not needed: the guard collects (and empties the CUDA cache) after every trial that
+        # trained, once the trial's exception and frames are gone
         study.optimize(self.objective(), n_trials=n_trials, timeout=timeout, catch=CATCH, callbacks=callbacks,
-                       gc_after_trial=True)
+                       gc_after_trial=False)
         release_memory()
 
 
@@ -474,7 +497,7 @@ def prepare(options: TuneOptions, create_run: bool = True) -> Prepared:
         tracker.open(study, params, create=create_run)
     output_root = Path(cfg.output_dir.replace("{study}", name))
     session = TuneSession(cfg, name, layers, space, budget, probe, MemoryPredictor(device_for_probe(cfg, base)),
-                          output_root, tracker, list(options.extra_callbacks))
+                          output_root, tracker, list(options.extra_callbacks), base.train.start_epoch)
     log.info("study %s in %s: budget %s, probe input %dx%dx%d, space %s", name, redact_uri(url),
              format_bytes(budget), probe.coils, probe.height, probe.width, space.describe())
     return Prepared(session, study, url, base_path)
@@ -517,7 +540,8 @@ def finish(prepared: Prepared, overlay_dir: Path | None = None) -> TuneResult:
     if session.tracker is not None:
         _, name = importance_evaluator(cfg.importance, cfg.seed)
         tags["smartify.importance_evaluator"] = name
-        session.tracker.close(summary, tags, [*figures.values(), table_path, json_path, *([overlay] if overlay else [])])
+        files = [*figures.values(), table_path, json_path, *([overlay] if overlay else [])]
+        session.tracker.close(summary, tags, files)
     return TuneResult(study.study_name, redact_uri(prepared.storage_url), rows, table, overlay, figures, summary,
                       dict(space.excluded))
 

@@ -91,6 +91,10 @@ class StudyTracker:
 
         self._study = study.study_name
         run_id = study.user_attrs.get(RUN_ID_ATTR)
+        if run_id and not self._exists(run_id):
+            log.warning("study %s: its MLflow run %s is not in %s; a new study run is made", study.study_name,
+                        run_id, self.stores.describe()["tracking_uri"])
+            run_id = None
         if run_id:
             if create:
                 self.writer.reopen(run_id)
@@ -101,6 +105,19 @@ class StudyTracker:
             self.writer.log_batch(run_id, params={k: param_value(v)[0] for k, v in params.items()})
         self.run_id = run_id
         return run_id
+
+    def _exists(self, run_id: str) -> bool:
+        """False only when the tracking store answers that the run does not exist (unknown counts as present)."""
+        from mlflow.exceptions import MlflowException
+
+        real = self.writer.resolve(run_id)
+        if real is None:
+            return True  # a placeholder still in the spool
+        try:
+            ok, run = self.writer.call(self.writer.client.get_run, real)
+        except MlflowException:
+            return False
+        return not ok or run.info.lifecycle_stage != "deleted"
 
     def trial_callback(self, trial: optuna.trial.Trial) -> Callback:
         """The engine callback logging ``trial`` as a nested run."""
