@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "synth",
     "evaluate",
     "train",
+    "pipeline",
     "tune",
     "models",
     "promote",
