@@ -153,6 +153,20 @@ def test_sampler_draws_depend_on_study_seed_and_trial_number_only():
 
 
 # ----- OOM, divergence, errors --------------------------------------------------------------------------------
+def test_moe_prediction_adds_the_idle_experts_weights_and_optimizer_state(tiny_data):
+    from tracking.oom import MemoryPredictor, ProbeInput
+
+    base, _ = load_stage_config(TINY_BASE, [f"data.root={tiny_data}"])
+    moe, _ = load_stage_config(ROOT / "experiments" / "tiny" / "hacker_moe.yaml", [f"data.root={tiny_data}"])
+    predictor = MemoryPredictor("cpu")
+    inp = ProbeInput(8, 64, 64)
+    single = predictor.predict(base, inp)
+    mixture = predictor.predict(moe, inp)
+    assert (single.source, mixture.source) == ("probe", "cache")  # same network, probed once
+    per_expert = single.details["params_bytes"] + single.details["optimizer_bytes"]
+    assert mixture.predicted_bytes - single.predicted_bytes == 3 * per_expert > 0
+
+
 def test_tiny_budget_prunes_every_trial_before_training(tmp_path, tiny_data):
     tune = write_tune(tmp_path)
     result = run_tune(options(tmp_path, tiny_data, tune, trials=5, memory_budget="1KiB"))

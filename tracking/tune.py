@@ -396,6 +396,8 @@ class TuneOptions:
         experiment: MLflow experiment.
         finalize: make the figures, the table and the overlay at the end (workers leave it to their parent).
         extra_callbacks: engine callbacks added to every trial.
+        output_dir: folder of the trial outputs (None: the file's ``output_dir``; ``{study}`` is expanded).
+        parent_run_id: nest the study's MLflow run under this run (e.g. a pipeline run) when it is created.
     """
 
     tune_file: Path
@@ -410,6 +412,8 @@ class TuneOptions:
     experiment: str = EXPERIMENT
     finalize: bool = True
     extra_callbacks: list[Callback] = field(default_factory=list)
+    output_dir: Path | None = None
+    parent_run_id: str | None = None
 
 
 @dataclass
@@ -494,8 +498,8 @@ def prepare(options: TuneOptions, create_run: bool = True) -> Prepared:
         params.update({"study": name, "storage": redact_uri(url), "base": str(base_path),
                        "memory_budget_bytes": budget, "probe_input": f"{probe.coils}x{probe.height}x{probe.width}",
                        "set": json.dumps(list(options.overrides)), "space.excluded": json.dumps(space.excluded)})
-        tracker.open(study, params, create=create_run)
-    output_root = Path(cfg.output_dir.replace("{study}", name))
+        tracker.open(study, params, create=create_run, parent_run_id=options.parent_run_id)
+    output_root = Path(str(options.output_dir or cfg.output_dir).replace("{study}", name))
     session = TuneSession(cfg, name, layers, space, budget, probe, MemoryPredictor(device_for_probe(cfg, base)),
                           output_root, tracker, list(options.extra_callbacks), base.train.start_epoch)
     log.info("study %s in %s: budget %s, probe input %dx%dx%d, space %s", name, redact_uri(url),

@@ -85,8 +85,19 @@ class StudyTracker:
         self._runs: dict[int, _TrialRun] = {}
         self._study: str = ""
 
-    def open(self, study: optuna.Study, params: dict[str, Any], create: bool = True) -> str | None:
-        """Use the study's parent run, creating it (with ``params``) the first time; reopen it when ``create``."""
+    def open(self, study: optuna.Study, params: dict[str, Any], create: bool = True,
+             parent_run_id: str | None = None) -> str | None:
+        """Use the study's run, creating it the first time; reopen it when ``create``.
+
+        Args:
+            study: the study.
+            params: params of a new study run.
+            create: create (or reopen) the run; False for workers, which only nest their trials under it.
+            parent_run_id: nest a new study run under this run (a pipeline).
+
+        Returns:
+            The study run's id (None when there is none and ``create`` is False).
+        """
         from tracking.mlflow_callback import param_value, start_parent_run
 
         self._study = study.study_name
@@ -99,8 +110,10 @@ class StudyTracker:
             if create:
                 self.writer.reopen(run_id)
         elif create:
-            run_id = start_parent_run(self.stores, self.experiment, f"study-{study.study_name}",
-                                      {"smartify.kind": "study", "optuna.study": study.study_name}, self.writer)
+            tags = {"smartify.kind": "study", "optuna.study": study.study_name}
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            run_id = start_parent_run(self.stores, self.experiment, f"study-{study.study_name}", tags, self.writer)
             study.set_user_attr(RUN_ID_ATTR, run_id)
             self.writer.log_batch(run_id, params={k: param_value(v)[0] for k, v in params.items()})
         self.run_id = run_id

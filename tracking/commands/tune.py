@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, metavar="K",
                    help="run the trials in K worker processes on the same study (default: 1, in this process)")
     p.add_argument("--overlay-dir", metavar="DIR", help="where <study>.yaml is written (default: experiments/tuned)")
+    p.add_argument("--output-dir", metavar="DIR",
+                   help="trial outputs, {study} expanded (default: output_dir of the tune file, runs/tune/{study})")
+    p.add_argument("--parent-run-id", help="nest the study's MLflow run under this run when it is created")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--experiment", default="smartify-tune", help="MLflow experiment (default: %(default)s)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers: no report
@@ -79,6 +82,8 @@ def _worker_argv(args: argparse.Namespace, storage: str, study: str, trials: int
         argv += ["--memory-budget", args.memory_budget]
     if args.no_tracking:
         argv.append("--no-tracking")
+    if args.output_dir:
+        argv += ["--output-dir", args.output_dir]
     for item in args.overrides:
         argv += ["--set", item]
     return argv
@@ -115,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         study=args.study, memory_budget=args.memory_budget, overrides=tuple(args.overrides),
         overlay_dir=Path(args.overlay_dir) if args.overlay_dir else None, tracking=not args.no_tracking,
         experiment=args.experiment, finalize=not args.worker,
+        output_dir=Path(args.output_dir) if args.output_dir else None, parent_run_id=args.parent_run_id,
     )
     if args.workers == 1:
         result = run_tune(options)
