@@ -209,6 +209,28 @@ def _leaderboard_files(leaderboard_dir: str | Path, expected_count: int | None) 
     return plan
 
 
+def labels_available(leaderboard_dir: str | Path) -> bool:
+    """Whether both acc folders hold image files that all have ``image_label`` (needed to score).
+
+    Args:
+        leaderboard_dir: the leaderboard folder (``{acc4,acc8}/image/*.h5``).
+
+    Returns:
+        True when ``acc4/image`` and ``acc8/image`` are non-empty and every file has the key.
+    """
+    root = Path(leaderboard_dir)
+    for acc in ACCS:
+        folder = root / acc / "image"
+        files = _list_h5(folder) if folder.is_dir() else []
+        if not files:
+            return False
+        for name in files:
+            with _open(root / acc / "image" / name) as f:
+                if "image_label" not in f:
+                    return False
+    return True
+
+
 def check_submission(
     leaderboard_dir: str | Path,
     recon_dir: str | Path,

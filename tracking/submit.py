@@ -38,9 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
-
-from recon.data.layout import IMAGE_DIR, LEADERBOARD_ACCS, data_fingerprint, discover_pairs
+from recon.data.layout import LEADERBOARD_ACCS, data_fingerprint, discover_pairs
 from recon.errors import InputError
 from recon.inference.reconstruct import CHALLENGE_BUDGET_S, ReconResult, reconstruct_leaderboard
 from recon.inference.systems import ReconSystem, adjacent_from_payload
@@ -88,27 +86,6 @@ class SubmissionResult:
             "reconstruction": self.recon.to_dict(),
             "evaluation": self.evaluation,
         }
-
-
-def labels_available(data_dir: str | Path) -> bool:
-    """Whether every image file of both acc folders holds ``image_label`` (needed to score).
-
-    Args:
-        data_dir: the leaderboard folder.
-
-    Returns:
-        True when ``acc4/image`` and ``acc8/image`` are non-empty and every file has the key.
-    """
-    data_dir = Path(data_dir)
-    for acc in LEADERBOARD_ACCS:
-        files = sorted((data_dir / acc / IMAGE_DIR).glob("*.h5"))
-        if not files:
-            return False
-        for path in files:
-            with h5py.File(path, "r") as f:
-                if "image_label" not in f:
-                    return False
-    return True
 
 
 def leaderboard_fingerprint(data_dir: str | Path) -> str:
@@ -260,11 +237,11 @@ def submit(
 
 def evaluate_folder_if_labelled(data_dir: Path, out_dir: Path, device: str = "cpu") -> dict[str, Any] | None:
     """The official scores of ``out_dir`` when ``data_dir`` has labels, else None."""
+    from recon.evaluation import evaluate_folder, labels_available
+
     if not labels_available(data_dir):
         log.info("%s: no image_label for every file; the submission is not scored", data_dir)
         return None
-    from recon.evaluation import evaluate_folder
-
     return evaluate_folder(data_dir, out_dir, device=device)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 

@@ -15,8 +15,9 @@ import logging
 import time
 from pathlib import Path
 
-from recon.data.layout import IMAGE_DIR, LEADERBOARD_ACCS
+from recon.data.layout import LEADERBOARD_ACCS
 from recon.errors import InputError
+from recon.evaluation import labels_available
 from recon.inference.reconstruct import CHALLENGE_BUDGET_S, reconstruct_leaderboard
 from recon.inference.systems import load_classifier, load_system
 
@@ -67,21 +68,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def _has_labels(data_dir: Path) -> bool:
-    """Whether both acc folders hold image files with ``image_label`` (what the evaluation needs)."""
-    import h5py
-
-    for acc in LEADERBOARD_ACCS:
-        files = sorted((data_dir / acc / IMAGE_DIR).glob("*.h5"))
-        if not files:
-            return False
-        for path in files:
-            with h5py.File(path, "r") as f:
-                if "image_label" not in f:
-                    return False
-    return True
-
-
 def _check_device(name: str) -> None:
     import torch
 
@@ -115,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, progress=args.progress, clock_start=clock,
     )
     evaluation = None
-    if not args.no_eval and _has_labels(args.data):
+    if not args.no_eval and labels_available(args.data):
         from recon.evaluation import evaluate_folder
 
         evaluation = evaluate_folder(args.data, args.out)
