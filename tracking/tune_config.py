@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -568,7 +567,3 @@ def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
         node[parts[-1]] = value
     return out
 
-
-def finite(value: Any) -> bool:
-    """True for a real, finite number."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
