@@ -101,6 +101,8 @@ class TrainConfig:
         panel_slices: fixed validation slices in a panel.
         stuck_steps: consecutive steps with loss >= 1 - 1e-4 that count as divergence.
         progress: tqdm progress bars.
+        probe_memory: run the memory probe at stage start and log its estimate every epoch
+            (``memory/probe_mb``); the tuner switches it off because it has probed already.
     """
 
     start_epoch: int = 0
@@ -112,6 +114,7 @@ class TrainConfig:
     panel_slices: int = 2
     stuck_steps: int = 50
     progress: bool = True
+    probe_memory: bool = True
 
     def validate(self) -> None:
         if self.epochs <= self.start_epoch:

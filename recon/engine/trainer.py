@@ -326,7 +326,7 @@ class _Runner:
         train_ds = EpochDataset(data.train, StageTransform(cfg, train=True))
         val_ds = EpochDataset(data.val, StageTransform(cfg, train=False))
         trainable, _fixed = count_parameters(self.model)
-        probe_mb = self.probe_mb(data)
+        probe_mb = self.probe_mb(data) if cfg.train.probe_memory else None
         start_event = StageStart(
             stage=cfg.stage.name, kind=cfg.stage.kind, family=None if cfg.stage.family == "none" else cfg.stage.family,
             config=self.resolved, seeds={"stage": cfg.seed, "model": cfg.model.seed},
