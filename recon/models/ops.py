@@ -95,7 +95,7 @@ def acs_coil_images(kspace: torch.Tensor, acs_columns: torch.Tensor) -> torch.Te
     return ifft2c(kspace * keep)
 
 
-def normalise_maps(sens: torch.Tensor) -> torch.Tensor:
+def normalise_maps(sens: torch.Tensor, coil_dim: int = 2) -> torch.Tensor:
     """Divide maps by their root-sum-of-squares over coils so that ``Σ_c |S_c|² = 1`` at every pixel.
 
     Upstream divides without an epsilon (an all-zero pixel gives NaN, pitfall P6); here the divisor is clamped to
@@ -103,10 +103,11 @@ def normalise_maps(sens: torch.Tensor) -> torch.Tensor:
 
     Args:
         sens: ``(B, A, C, H, W)`` complex.
+        coil_dim: the coil axis (2 for the layout above).
 
     Returns:
-        Same shape, unit RSS over C.
+        Same shape, unit RSS over the coil axis.
     """
     power = sens.real.square() + sens.imag.square()
-    norm = power.sum(dim=2, keepdim=True).sqrt().clamp_min(torch.finfo(power.dtype).tiny)
+    norm = power.sum(dim=coil_dim, keepdim=True).sqrt().clamp_min(torch.finfo(power.dtype).tiny)
     return sens / norm

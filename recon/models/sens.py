@@ -67,10 +67,11 @@ class SensitivityNet(nn.Module):
         else:
             maps = self._unet(items)
         if self.use_sens_adj:
-            maps = maps.view(b, c, a, h, w).permute(0, 2, 1, 3, 4)
-        else:
-            maps = maps.view(b, a, c, h, w)
-        return normalise_maps(maps)
+            # Normalise in the (B, C, A, H, W) layout the U-Net produced, then one copy to a contiguous
+            # (B, A, C, H, W): every cascade multiplies with the maps several times.
+            maps = normalise_maps(maps.reshape(b, c, a, h, w), coil_dim=1)
+            return maps.permute(0, 2, 1, 3, 4).contiguous()
+        return normalise_maps(maps.reshape(b, a, c, h, w))
 
     def _unet(self, items: torch.Tensor) -> torch.Tensor:
         return self.norm_unet([items])[0]
