@@ -36,6 +36,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from recon.errors import InputError
+
 log = logging.getLogger(__name__)
 
 #: Set by :func:`launch_local` in every rank (the explicit-store initialisation).
@@ -198,6 +200,9 @@ def context() -> DistContext:
 
     Returns:
         The (cached) context of this process.
+
+    Raises:
+        InputError: more ranks on this machine than CUDA devices.
     """
     global _CONTEXT
     if _CONTEXT is not None:
@@ -212,6 +217,9 @@ def context() -> DistContext:
     local = int(os.environ.get("LOCAL_RANK", rank))
     use_cuda = torch.cuda.is_available()
     if use_cuda:
+        if local >= torch.cuda.device_count():
+            raise InputError(f"LOCAL_RANK={local}: rank {rank} needs cuda:{local} but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s); start at most that many ranks per machine")
         torch.cuda.set_device(local)
     if not tdist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
