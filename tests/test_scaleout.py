@@ -31,7 +31,7 @@ STAGE = ROOT / "experiments" / "tiny" / "hacker_baseline.yaml"
 TUNE = ROOT / "experiments" / "tiny" / "tune.yaml"
 EPOCHS = 2
 SLICES = 8  # even: the 2-rank shard needs no padding, so both runs see exactly the same slices
-#: Largest |2-rank - 1-rank| per-epoch validation SSIM accepted. Observed: about 3e-8 (float32 summation
+#: Largest |2-rank - 1-rank| per-epoch validation SSIM accepted. Observed: at most 1.2e-7 (float32 summation
 #: order of the gradient all-reduce and of batch-1 versus batch-2 convolutions).
 TOLERANCE = 1e-5
 MODEL = "smartify-scaleout"
@@ -180,9 +180,12 @@ def test_two_ranks_match_one_rank_and_only_rank_zero_tracks(tiny_data: Path, tmp
         assert hist2[key] == hist1[key], key
     val_keys = sorted(k for k in hist1 if k.startswith("val/ssim"))
     assert len(val_keys) >= 5  # overall and the four (anatomy, acceleration) groups
+    worst = 0.0
     for key in val_keys + ["train/loss"]:
         diffs = [abs(a[1] - b[1]) for a, b in zip(hist1[key], hist2[key])]
         assert len(diffs) == EPOCHS and max(diffs) <= TOLERANCE, (key, hist1[key], hist2[key])
+        worst = max(worst, *diffs)
+    print(f"largest |2 ranks - 1 process| over {len(val_keys)} val/ssim keys and train/loss: {worst:.2e}")
     assert hist2["val/ssim"][0][1] != hist2["val/ssim"][1][1]  # it trained: the score moved
     # rank 0 alone wrote the checkpoints; the weights agree with the single process
     w1 = torch.load(tmp_path / "one" / "checkpoints" / "last.pt", weights_only=True)["model"]
