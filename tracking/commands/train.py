@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from recon.engine import distributed
@@ -84,7 +85,7 @@ def launch(args: argparse.Namespace) -> int:
     """Run this ``train`` command as ``args.nproc`` ranks (see :func:`recon.engine.distributed.launch_local`)."""
     if args.nproc < 1:
         raise InputError(f"--nproc {args.nproc}: expected a number of processes >= 1")
-    if distributed.context().enabled:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # already a rank: do not join its group here
         raise InputError("--nproc inside a distributed launch (torchrun or --nproc): start one launcher only")
     command = [sys.executable, "-m", "tracking.cli", *rank_argv(args)]
     log.info("launching %d ranks: %s", args.nproc, " ".join(command))
