@@ -33,8 +33,13 @@ COMMAND_MODULES = (
 )
 
 EPILOG = """examples:
+  smartify demo
   smartify synth /tmp/data --preset tiny
   smartify evaluate --leaderboard /tmp/data/leaderboard --baselines
+  smartify train experiments/tiny/hacker_baseline.yaml --set data.root=/tmp/data
+  smartify tune experiments/tiny/tune.yaml --set data.root=/tmp/data
+  smartify submit --data /tmp/data/leaderboard --out /tmp/submission
+  smartify ui
 """
 
 
