@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from recon.errors import InputError
 from recon.evaluation import evaluate_folder
@@ -24,14 +23,6 @@ from tracking.registry import ModelVersionInfo, register_stage
 from tracking.stores import Stores, make_client
 from tracking.submit import submit
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run faster on one thread when the 2 cores are shared (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
