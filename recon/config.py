@@ -497,19 +497,18 @@ def flatten(data: Mapping[str, Any], sep: str = ".") -> dict[str, Any]:
     return out
 
 
-def dump_yaml(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write plain data as YAML atomically (temp file in the same folder, then ``os.replace``).
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write text atomically: a temp file in the same folder, fsync, then ``os.replace``.
 
     Args:
-        data: nested plain data (tuples and paths are converted).
         path: destination file; its folder is created if needed.
+        text: the content.
 
     Returns:
         The destination path.
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(to_dict(data), sort_keys=False, default_flow_style=False, allow_unicode=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -521,6 +520,21 @@ def dump_yaml(data: Mapping[str, Any], path: str | os.PathLike[str]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return dest
+
+
+def dump_yaml(data: Mapping[str, Any], path: str | os.PathLike[str], header: str = "") -> Path:
+    """Write plain data as YAML atomically (see :func:`write_text_atomic`).
+
+    Args:
+        data: nested plain data (tuples and paths are converted).
+        path: destination file; its folder is created if needed.
+        header: text put before the YAML (e.g. ``#`` comment lines).
+
+    Returns:
+        The destination path.
+    """
+    text = yaml.safe_dump(to_dict(data), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return write_text_atomic(path, header + text)
 
 
 def load_config(

@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import optuna
-import yaml
 from optuna.trial import FrozenTrial, TrialState
 
-from recon.config import deep_merge
+from recon.config import deep_merge, dump_yaml
 from tracking.oom import PRUNE_REASON
 from tracking.tune_config import SearchSpace, StageLayers, format_bytes, nest
 
@@ -148,18 +147,7 @@ def write_overlay(path: Path, layers: StageLayers, best: FrozenTrial, space: Sea
     header = (f"# Tuned by `smartify tune` (study {study}): best trial {best.number}, {metric} = {best.value:.6g}.\n"
               f"# Written {datetime.now(timezone.utc).isoformat(timespec='seconds')}. Train with:\n"
               f"#   smartify train {path}\n")
-    text = header + yaml.safe_dump(body, sort_keys=False, default_flow_style=False)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return dump_yaml(body, path, header=header)
 
 
 def summary_metrics(study: optuna.Study) -> dict[str, float]:
