@@ -2,8 +2,8 @@
 
 Each measurement (checkpointing off / on) runs in its own child process, so that its peak RSS is its own. Per
 measurement: a warm-up (one no-grad forward and one training step, which also records the bytes autograd saves),
-then ``--repeats`` timed no-grad forwards and training steps (forward, loss, backward, AdamW step); medians are
-reported. The loss is ``1 - SSIM`` (7x7 uniform window) against a synthetic target. ``probe_bytes`` is the
+then ``--repeats`` timed no-grad forwards and training steps (forward, loss, backward, AdamW step); medians of
+wall-clock seconds are reported (``*_cpu_s``: process CPU seconds, less sensitive to other load). The loss is ``1 - SSIM`` (7x7 uniform window) against a synthetic target. ``probe_bytes`` is the
 meta-device estimate of :func:`recon.memory.probe_training_step`; ``--live-peak`` adds one profiled step that
 measures the peak of live tensor bytes (weights, gradients, AdamW state and input alive at its start, plus the
 peak of allocations minus frees during it), which glibc's RSS overstates.
@@ -138,30 +138,35 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         optimiser.step()
         return saved
 
-    def timed(fn: Any) -> float:
-        start = time.perf_counter()
+    cpu: dict[str, list[float]] = {"forward": [], "step": []}
+
+    def timed(fn: Any, kind: str) -> float:
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
+        cpu[kind].append(time.process_time() - start_cpu)
         return time.perf_counter() - start
 
     saved = None
+    saved_box: list[int] = []
     if spec["warmup"]:
         forward()
         saved = step(record=True)
-    forwards = [timed(forward) for _ in range(spec["repeats"])]
+    forwards = [timed(forward, "forward") for _ in range(spec["repeats"])]
     steps = []
     for _ in range(spec["repeats"]):
         if saved is None:
-            start = time.perf_counter()
-            saved = step(record=True)
-            steps.append(time.perf_counter() - start)
+            steps.append(timed(lambda: saved_box.append(step(record=True)), "step"))
+            saved = saved_box[0]
         else:
-            steps.append(timed(step))
+            steps.append(timed(step, "step"))
     record = {
         "preset": spec["preset"], "overrides": spec["overrides"], "coils": c, "height": h, "width": w, "adj": a,
         "checkpoint": cfg.use_checkpoint, "sens_per_coil": cfg.sens_per_coil, "threads": spec["threads"],
         "params_trainable": trainable, "params_fixed": fixed,
         "forward_s": statistics.median(forwards), "train_step_s": statistics.median(steps),
-        "forward_runs": forwards, "train_step_runs": steps, "saved_bytes": saved,
+        "forward_runs": forwards, "train_step_runs": steps,
+        "forward_cpu_s": statistics.median(cpu["forward"]), "train_step_cpu_s": statistics.median(cpu["step"]),
+        "saved_bytes": saved,
         "probe_bytes": probe.peak_bytes, "probe_saved_bytes": probe.saved_bytes,
         "probe_recompute_bytes": probe.recompute_bytes, "probe_s": probe_s,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -177,10 +182,18 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def run_child(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run :func:`measure` in a fresh interpreter and parse its JSON line."""
+def run_child(spec: dict[str, Any], thp: bool = False) -> dict[str, Any]:
+    """Run :func:`measure` in a fresh interpreter and parse its JSON line.
+
+    With ``thp``, PyTorch's CPU allocator asks for transparent huge pages (``THP_MEM_ALLOC_ENABLE=1``): glibc
+    returns every block above 32 MiB to the OS when it is freed, so each step page-faults its activations in
+    again 4 KiB at a time; huge pages cut those faults about 25-fold.
+    """
+    env = dict(os.environ)
+    if thp:
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
     proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                          capture_output=True, text=True, check=False)
+                          capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"measurement failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -212,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-warmup", action="store_true", help="skip the warm-up forward and step")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--live-peak", action="store_true", help="also profile one step for the live-tensor peak")
+    parser.add_argument("--thp", action="store_true", help="children run with THP_MEM_ALLOC_ENABLE=1 (huge pages)")
     parser.add_argument("--params-only", action="store_true")
     parser.add_argument("--json", action="store_true", help="one JSON object per measurement instead of a table")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -243,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                 "threads": args.threads, "live_peak": args.live_peak}
         log.info("measuring checkpoint=%s on (1, %d, %d, %d, %d) ...", ckpt, cfg.num_adj_slices, args.coils,
                  args.height, args.width)
-        record = run_child(spec)
+        record = run_child(spec, thp=args.thp)
+        record["thp"] = args.thp
         records.append(record)
         if args.json:
             print(json.dumps(record), flush=True)

@@ -61,7 +61,8 @@ class CAB(nn.Module):
         return torch.addcmul(x, res, scale[:, :, None, None])
 
 
-def cab_stack(n: int, channels: int, kernel_size: int, reduction: int, act: "ActFactory", use_ca: bool) -> nn.Sequential:
+def cab_stack(n: int, channels: int, kernel_size: int, reduction: int, act: ActFactory,
+              use_ca: bool) -> nn.Sequential:
     """``n`` consecutive :class:`CAB` of one width (an empty ``Sequential`` is the identity)."""
     return nn.Sequential(*[CAB(channels, kernel_size, reduction, act(), use_ca) for _ in range(n)])
 

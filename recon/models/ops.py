@@ -76,11 +76,6 @@ def low_frequency_columns(mask: torch.Tensor, num_low_frequencies: torch.Tensor)
     return (cols >= pad[:, None]) & (cols < (pad + nlf)[:, None])
 
 
-def zero_filled_coils(kspace: torch.Tensor) -> torch.Tensor:
-    """Coil images of the (masked) centred k-space: ``ifft2c`` over the last two axes."""
-    return ifft2c(kspace)
-
-
 def acs_coil_images(kspace: torch.Tensor, acs_columns: torch.Tensor) -> torch.Tensor:
     """Low-resolution coil images from the ACS columns only.
 
