@@ -143,6 +143,17 @@ def test_register_under_stage_run_and_load_in_fresh_process(tmp_path: Path, home
                    "training": False, "uri": f"models:/smartify-hacker/{info.version}"}
 
 
+def test_the_same_weights_from_another_training_run_are_a_new_version(tmp_path: Path, stores: Stores) -> None:
+    # a re-run (e.g. the demo again) may reproduce the weights bit for bit; it is still a new run
+    first = register_stage(save_tiny_checkpoint(tmp_path / "a.pt", kind="baseline", family="hacker", score=0.7,
+                                                seed=11, stage="hacker_baseline", run_id="run-one"), stores=stores)
+    second = register_stage(save_tiny_checkpoint(tmp_path / "b.pt", kind="baseline", family="hacker", score=0.7,
+                                                 seed=11, stage="hacker_baseline", run_id="run-two"), stores=stores)
+    assert second.version == first.version + 1
+    assert first.tags["weights_digest"] == second.tags["weights_digest"]
+    assert (first.tags["training_run"], second.tags["training_run"]) == ("run-one", "run-two")
+
+
 def test_registration_without_run_is_idempotent(tmp_path: Path, stores: Stores) -> None:
     ckpt = save_tiny_checkpoint(tmp_path / "best.pt", kind="baseline", family="helper", score=0.8, seed=3,
                                 stage="helper_baseline")

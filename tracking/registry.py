@@ -32,8 +32,10 @@ from its configuration with :func:`recon.checkpoint.build_model` (strict: a conf
 not fit the weights is an error, never a fresh model). The cost: no ``mlflow models serve``; the
 loader is this checkout's code, whose version is recorded in ``smartify-model.json``.
 
-Registration is idempotent on content: the same weights (same ``weights_digest``) already
-registered under the name return that version instead of a duplicate. The artifact folder name
+Registration is idempotent per training run: the same weights (same ``weights_digest``) from the
+same training run (tag ``training_run``, the checkpoint's MLflow run id, or ``none``) return the
+version already registered instead of a duplicate; a re-run that happens to reproduce the weights
+bit for bit is a new run, hence a new version with its own lineage. The artifact folder name
 contains the digest, so a later, better ``best.pt`` of the same stage never overwrites the files of
 an earlier version.
 """
@@ -332,9 +334,14 @@ def _run_for(client, payload: dict[str, Any], stores: Stores, experiment: str) -
     return run.info.run_id, None
 
 
-def _existing_version(client, name: str, digest: str):
+def _training_run(payload: dict[str, Any]) -> str:
+    return str((payload.get("tracking") or {}).get(RUN_ID_KEY) or "none")
+
+
+def _existing_version(client, name: str, digest: str, training_run: str):
     for mv in client.search_model_versions(f"name='{name}'"):
-        if (mv.tags or {}).get("weights_digest") == digest:
+        tags = mv.tags or {}
+        if tags.get("weights_digest") == digest and tags.get("training_run", "none") == training_run:
             return mv
     return None
 
@@ -380,7 +387,7 @@ def register_stage(
     client = make_client(stores)
     digest = weights_digest(payload["model"])
     _ensure_registered_model(client, model_name)
-    existing = _existing_version(client, model_name, digest)
+    existing = _existing_version(client, model_name, digest, _training_run(payload))
     if existing is not None:
         log.info("%s: these weights are already %s version %s", payload["path"], model_name, existing.version)
         return get_version_info(model_name, version=int(existing.version), stores=stores)
@@ -401,6 +408,7 @@ def register_stage(
         "stage": stage, "kind": str(payload["kind"]), "family": str(payload.get("family") or "none"),
         "epoch": str(int(payload["epoch"])), "experts": ",".join(experts),
         "weights_digest": digest, "weights_sha256": description["weights_sha256"],
+        "training_run": _training_run(payload),
         "checkpoint": str(payload["path"]),
     }
     score_text = f"{score:.4f}" if score is not None else "unknown"
