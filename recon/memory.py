@@ -16,8 +16,12 @@ Two modes:
              + the largest recompute (the saved tensors of one checkpointed region, recursively for nested
                regions, excluding storages already counted).
 
-  It ignores transient temporaries and activation gradients during the backward; see
-  ``experiments/benchmarks/model_step.py`` for measured peaks to compare with.
+  It ignores transient temporaries and activation gradients during the backward. Against the live-tensor peak
+  measured by ``experiments/benchmarks/model_step.py --live-peak`` (profiler allocation events) it was within
+  -1 % (no checkpointing) and +8 % (checkpointing) at 8 coils 320x320 with 5 slices, and within 5 % at
+  160x160 with and without per-coil regions. One call costs about 1-4 s of CPU (the meta kernels of bilinear
+  interpolation are Python decompositions; per-coil sensitivity regions run the U-Net once per coil); results
+  are cached per (configuration, shape, dtype).
 """
 
 from __future__ import annotations
