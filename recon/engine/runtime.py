@@ -54,12 +54,3 @@ def write_checkpoint(
     callbacks.on_checkpoint(CheckpointSaved(path=path, kind=kind, epoch=epoch, metric=metric))
     return path
 
-
-def determinism_flags() -> dict[str, Any]:
-    """The determinism settings in force (logged with every stage)."""
-    return {
-        "torch.deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "cudnn.deterministic": bool(torch.backends.cudnn.deterministic),
-        "cudnn.benchmark": bool(torch.backends.cudnn.benchmark),
-        "torch.num_threads": torch.get_num_threads(),
-    }
