@@ -42,3 +42,18 @@ def _isolated_tracking(tmp_path_factory: pytest.TempPathFactory, monkeypatch: py
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         monkeypatch.delenv(name, raising=False)
     return home
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """A tracking home shared by the tests of one module (registry, promotion, submission)."""
+    return tmp_path_factory.mktemp(f"{request.module.__name__}_home")
+
+
+@pytest.fixture(scope="module")
+def stores(home: Path):
+    """Embedded stores under ``home``: what ``SMARTIFY_HOME=home`` resolves to (sqlite + artifact folder)."""
+    from tracking.stores import Stores
+
+    uri = f"sqlite:///{home / 'mlflow.db'}"
+    return Stores(tracking_uri=uri, registry_uri=uri, home=home, artifact_root=home / "artifacts")

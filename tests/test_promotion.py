@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from recon.errors import InputError
-from test_registry import cli_env, make_stores, save_tiny_checkpoint
+from test_registry import cli_env, save_tiny_checkpoint
 from tracking.promotion import promote
 from tracking.registry import ModelVersionInfo, get_version_info, register_stage
 from tracking.stores import Stores, make_client
@@ -18,15 +18,6 @@ from tracking.stores import Stores, make_client
 NAME = "smartify-helper"
 DATA = "d" * 64
 
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("promotion_home")
-
-
-@pytest.fixture(scope="module")
-def stores(home: Path) -> Stores:
-    return make_stores(home)
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """The model registry on a real SQLite store in a temp folder: register, list, load (also in a fresh process).
 
 Checkpoints are tiny random-init PromptMR+ models (or a ResNet18 classifier) written with
-``save_checkpoint``; their validation scores are set by hand. ``save_tiny_checkpoint`` and
-``make_stores`` are shared with ``test_promotion.py`` and ``test_submit.py``.
+``save_checkpoint``; their validation scores are set by hand. ``save_tiny_checkpoint`` and ``cli_env``
+are shared with ``test_promotion.py`` and ``test_submit.py``.
 """
 
 from __future__ import annotations
@@ -72,11 +72,6 @@ def save_tiny_checkpoint(
     })
 
 
-def make_stores(home: Path) -> Stores:
-    """Embedded stores under ``home``: what ``SMARTIFY_HOME=home`` resolves to (the checkout's mlruns untouched)."""
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    return Stores(tracking_uri=uri, registry_uri=uri, home=home, artifact_root=home / "artifacts")
-
 
 def cli_env(home: Path) -> dict[str, str]:
     """Environment for a ``smartify`` subprocess that uses the store under ``home``."""
@@ -84,15 +79,6 @@ def cli_env(home: Path) -> dict[str, str]:
     env.update(SMARTIFY_HOME=str(home), MLFLOW_DISABLE_TELEMETRY="true", PYTHONPATH=str(REPO))
     return env
 
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("registry_home")
-
-
-@pytest.fixture(scope="module")
-def stores(home: Path) -> Stores:
-    return make_stores(home)
 
 
 def _stage_run(stores: Stores, fingerprint: str) -> str:

@@ -17,22 +17,13 @@ import pytest
 
 from recon.errors import InputError
 from recon.evaluation import evaluate_folder
-from test_registry import cli_env, make_stores, save_tiny_checkpoint
+from test_registry import cli_env, save_tiny_checkpoint
 from tracking.promotion import promote
 from tracking.registry import ModelVersionInfo, register_stage
 from tracking.stores import Stores, make_client
 from tracking.submit import submit
 
 
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("submit_home")
-
-
-@pytest.fixture(scope="module")
-def stores(home: Path) -> Stores:
-    return make_stores(home)
 
 
 @pytest.fixture(scope="module")
