@@ -1,7 +1,7 @@
 """The official 2025 SNU FastMRI Challenge SSIM: foreground mask and 7x7 box SSIM.
 
 This module is the one SSIM implementation of the project: the leaderboard evaluation
-(:mod:`recon.evaluation`) and the training loss (:mod:`recon.losses`) both call :func:`ssim`.
+(:mod:`recon.inference.evaluation`) and the training loss (:mod:`recon.losses`) both call :func:`ssim`.
 
 Per slice the official ``leaderboard_eval.py`` does (``spec/challenge.md`` section 2)::
 

@@ -53,7 +53,7 @@ def home(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReques
 @pytest.fixture(scope="module")
 def stores(home: Path):
     """Embedded stores under ``home``: what ``SMARTIFY_HOME=home`` resolves to (sqlite + artifact folder)."""
-    from tracking.stores import Stores
+    from tracking.runs.stores import Stores
 
     uri = f"sqlite:///{home / 'mlflow.db'}"
     return Stores(tracking_uri=uri, registry_uri=uri, home=home, artifact_root=home / "artifacts")

@@ -32,8 +32,8 @@ from recon.engine.trainer import DivergenceError, run_stage
 from recon.errors import InputError
 from recon.events import CallbackList, ConsoleCallback
 from recon.seeding import seed_everything
-from tracking.mlflow_callback import MLflowCallback, parent_run
-from tracking.stores import Stores, resolve_stores
+from tracking.runs.callback import MLflowCallback, parent_run
+from tracking.runs.stores import Stores, resolve_stores
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ class PipelineRunner:
         result = StepResult(step.name, "train", end.status, time.perf_counter() - t0, end.best_metric,
                             run_id=tracker.state_dict().get("mlflow_run_id"))
         if step.register and end.best_path is not None:
-            from tracking.registry import register_stage
+            from tracking.registry.versions import register_stage
 
             info = register_stage(end.best_path, stores=self.stores, experiment=self.cfg.experiment)
             self.versions[step.name] = info
@@ -192,7 +192,7 @@ class PipelineRunner:
 
     def tune(self, step: Step, parent_id: str) -> StepResult:
         """An Optuna study on the pipeline's data (its own study run, tagged with the pipeline)."""
-        from tracking.tune import TuneOptions, run_tune
+        from tracking.tune.study import TuneOptions, run_tune
 
         t0 = time.perf_counter()
         over = [f"data.root={self.data_root}"] + ([f"train.device={self.device}"] if self.device else [])
@@ -209,7 +209,7 @@ class PipelineRunner:
                           detail=f"study {result.study if result else '?'}: {counts}")
 
     def promote(self, step: Step) -> StepResult:
-        from tracking.promotion import promote
+        from tracking.registry.promotion import promote
 
         t0 = time.perf_counter()
         info = self.versions.get(str(step.promote))
@@ -220,7 +220,7 @@ class PipelineRunner:
                           detail=outcome.message, version=f"{info.name} v{info.version} @{step.alias}")
 
     def submit(self, step: Step, parent_id: str) -> tuple[StepResult, dict[str, Any]]:
-        from tracking.submit import submit
+        from tracking.registry.submission import submit
 
         t0 = time.perf_counter()
         leaderboard = self.data_root / "leaderboard"
@@ -229,7 +229,7 @@ class PipelineRunner:
                         device=self.device or "cpu")
         summary = result.to_dict()
         if summary.get("evaluation"):
-            from recon.evaluation import evaluate_baselines
+            from recon.inference.evaluation import evaluate_baselines
 
             summary["baselines"] = evaluate_baselines(leaderboard)
         score = (summary.get("evaluation") or {}).get("leaderboard")

@@ -4,7 +4,7 @@ Each measurement (checkpointing off / on) runs in its own child process, so that
 measurement: a warm-up (one no-grad forward and one training step, which also records the bytes autograd saves),
 then ``--repeats`` timed no-grad forwards and training steps (forward, loss, backward, AdamW step); medians of
 wall-clock seconds are reported (``*_cpu_s``: process CPU seconds, less sensitive to other load). The loss is ``1 - SSIM`` (7x7 uniform window) against a synthetic target. ``probe_bytes`` is the
-meta-device estimate of :func:`recon.memory.probe_training_step`; ``--live-peak`` adds one profiled step that
+meta-device estimate of :func:`recon.engine.memory.probe_training_step`; ``--live-peak`` adds one profiled step that
 measures the peak of live tensor bytes (weights, gradients, AdamW state and input alive at its start, plus the
 peak of allocations minus frees during it), which glibc's RSS overstates.
 
@@ -38,7 +38,7 @@ import yaml
 from recon.errors import InputError
 from recon.fft import fft2c
 from recon.masks import acs_width, public_mask
-from recon.memory import autograd_saved_bytes, probe_training_step
+from recon.engine.memory import autograd_saved_bytes, probe_training_step
 from recon.models.config import PromptMRConfig
 from recon.models.promptmr import PromptMR, count_parameters
 

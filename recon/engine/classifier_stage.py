@@ -20,8 +20,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from recon.checkpoint import load_checkpoint, load_state_strict
-from recon.classifier import SliceClassifier
+from recon.engine.checkpoint import load_checkpoint, load_state_strict
+from recon.models.classifier import SliceClassifier
 from recon.config import dump_yaml
 from recon.data.dataset import ImageSliceDataset
 from recon.data.layout import data_fingerprint, discover_pairs

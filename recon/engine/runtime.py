@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from recon.checkpoint import save_checkpoint
+from recon.engine.checkpoint import save_checkpoint
 from recon.events import Callback, CheckpointSaved
 from recon.seeding import capture_rng_state
 

@@ -20,7 +20,7 @@ from typing import Any, Literal, Sequence
 
 from recon.augment.mask_aug import MaskAugConfig
 from recon.augment.mraugment import MRAugmentConfig
-from recon.classifier import ClassifierConfig
+from recon.models.classifier import ClassifierConfig
 from recon.config import apply_overrides, from_dict, load_yaml_layers, parse_overrides, to_dict
 from recon.data.names import EXPERTS
 from recon.errors import InputError

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from recon.checkpoint import build_model, load_checkpoint, load_state_strict
+from recon.engine.checkpoint import build_model, load_checkpoint, load_state_strict
 from recon.config import dump_yaml
 from recon.data.dataset import SliceDataset
 from recon.data.layout import FilePair, data_fingerprint, discover_pairs, open_h5
@@ -39,7 +39,7 @@ from recon.engine.validation import metrics_from_stats, panel_indices, validate
 from recon.errors import InputError
 from recon.events import Callback, ConsoleCallback, Divergence, EpochEnd, StageEnd, StageStart
 from recon.data.names import EXPERTS
-from recon.experts import MixtureOfExperts
+from recon.models.experts import MixtureOfExperts
 from recon.fft import center_crop
 from recon.losses import MaskedSSIMLoss, VolumeAreaCache
 from recon.models.promptmr import PromptMR, count_parameters
@@ -393,7 +393,7 @@ class _Runner:
     def probe_mb(self, data: _Data) -> float | None:
         """The memory probe's estimate for the largest training input, in MiB (None if unavailable)."""
         try:
-            from recon.memory import probe_training_step
+            from recon.engine.memory import probe_training_step
         except ImportError:
             return None
         shapes = [tuple(f["kspace"]["keys"]["kspace"]["shape"]) for f in data.fingerprint["files"]]

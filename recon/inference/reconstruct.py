@@ -285,7 +285,7 @@ def write_volume(path: Path, volume: np.ndarray, key: str = RECON_KEY) -> str:
 
 
 def _classify(pair: FilePair, classifier: nn.Module, device: torch.device) -> tuple[str, list[float]]:
-    from recon.classifier import classify_volume
+    from recon.models.classifier import classify_volume
 
     assert pair.image is not None  # images are required when a classifier is given
     with open_h5(pair.image) as f:

@@ -1,6 +1,6 @@
 """Reconstruction systems (Hacker, Helper) and the classifier, as inference sees them.
 
-A *system* is either one PromptMR+ (a baseline stage) or a :class:`recon.experts.MixtureOfExperts`
+A *system* is either one PromptMR+ (a baseline stage) or a :class:`recon.models.experts.MixtureOfExperts`
 (an MoE stage). A single model ignores the expert name it is given; an MoE runs only the named
 expert. A system also carries the number of adjacent slices it was trained with, which the data
 loader must reproduce.
@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from recon.checkpoint import build_model, load_checkpoint
+from recon.engine.checkpoint import build_model, load_checkpoint
 from recon.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def adjacent_from_payload(payload: dict[str, Any]) -> int:
     both are present.
 
     Args:
-        payload: a dictionary from :func:`recon.checkpoint.load_checkpoint`.
+        payload: a dictionary from :func:`recon.engine.checkpoint.load_checkpoint`.
 
     Returns:
         The number of adjacent slices (odd, >= 1).

@@ -5,7 +5,7 @@ whose activations may be dropped after the forward and recomputed in the backwar
 non-reentrant kind (``use_reentrant=False``), which gives bit-identical gradients as long as a region is a pure
 function of its arguments: the model never mutates a tensor or a container it received (pitfall P1).
 
-The memory probe (:mod:`recon.memory`) installs a :class:`RegionObserver` with :func:`observe_regions`; while one
+The memory probe (:mod:`recon.engine.memory`) installs a :class:`RegionObserver` with :func:`observe_regions`; while one
 is installed regions run without checkpointing and report where they begin and end, so the probe can attribute
 every tensor autograd saves to the region that would recompute it.
 """

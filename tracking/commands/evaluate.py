@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from recon.errors import InputError
-from recon.evaluation import ACCS, RECON_KEY, evaluate_baselines, evaluate_folder
+from recon.inference.evaluation import ACCS, RECON_KEY, evaluate_baselines, evaluate_folder
 
 EPILOG = """examples:
   smartify evaluate --leaderboard Data/leaderboard --recon result/run/reconstructions_leaderboard

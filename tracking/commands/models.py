@@ -61,7 +61,7 @@ def format_table(infos) -> str:
 
 def run_list(args: argparse.Namespace) -> int:
     """``smartify models list``."""
-    from tracking.registry import list_versions
+    from tracking.registry.versions import list_versions
 
     infos = list_versions(args.name)
     if args.json:
@@ -75,7 +75,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_register(args: argparse.Namespace) -> int:
     """``smartify models register``."""
-    from tracking.registry import register_stage
+    from tracking.registry.versions import register_stage
 
     info = register_stage(args.checkpoint, name=args.name, which=args.which,
                           data_fingerprint=args.data_fingerprint, experiment=args.experiment)

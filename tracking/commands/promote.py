@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the command; returns the exit code (1 when refused)."""
     from recon.errors import InputError
-    from tracking.promotion import promote
+    from tracking.registry.promotion import promote
 
     if args.force and not (args.reason or "").strip():
         raise InputError("--force needs --reason TEXT (the override is recorded)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from recon.data.layout import LEADERBOARD_ACCS
 from recon.errors import InputError
-from recon.evaluation import labels_available
+from recon.inference.evaluation import labels_available
 from recon.inference.reconstruct import CHALLENGE_BUDGET_S, reconstruct_leaderboard
 from recon.inference.systems import load_classifier, load_system
 
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     )
     evaluation = None
     if not args.no_eval and labels_available(args.data):
-        from recon.evaluation import evaluate_folder
+        from recon.inference.evaluation import evaluate_folder
 
         evaluation = evaluate_folder(args.data, args.out)
 

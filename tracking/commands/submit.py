@@ -22,7 +22,7 @@ EPILOG = """examples:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``submit`` parser."""
     from recon.inference.reconstruct import CHALLENGE_BUDGET_S
-    from tracking.submit import DEFAULT_HACKER, DEFAULT_HELPER
+    from tracking.registry.submission import DEFAULT_HACKER, DEFAULT_HELPER
 
     parser = subparsers.add_parser(
         "submit", help="reconstruct the leaderboard with the registry's champions and log a submission run",
@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _classifier_ref(args: argparse.Namespace) -> str | None:
-    from tracking.submit import DEFAULT_CLASSIFIER
+    from tracking.registry.submission import DEFAULT_CLASSIFIER
 
     if args.classifier is None:
         return None if args.anatomy_from_filename else DEFAULT_CLASSIFIER
@@ -69,7 +69,7 @@ def _classifier_ref(args: argparse.Namespace) -> str | None:
 def run(args: argparse.Namespace) -> int:
     """Run the command; returns the exit code (0 within budget, 1 over budget)."""
     from recon.errors import InputError
-    from tracking.submit import submit
+    from tracking.registry.submission import submit
 
     if args.batch_size < 1 or args.workers < 0:
         raise InputError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tracking.spool import replay_spool, spool_summary
-from tracking.stores import apply_http_defaults, resolve_stores
+from tracking.runs.spool import replay_spool, spool_summary
+from tracking.runs.stores import apply_http_defaults, resolve_stores
 
 EPILOG = """examples:
   smartify tracking info

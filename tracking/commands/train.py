@@ -97,8 +97,8 @@ def build_callbacks(args: argparse.Namespace, stage_name: str):
     callbacks = [ConsoleCallback()]
     # in a data-parallel run only rank 0 tracks (the engine calls callbacks on rank 0 only)
     if not getattr(args, "no_tracking", False) and distributed.context().is_main:
-        from tracking.mlflow_callback import MLflowCallback
-        from tracking.stores import resolve_stores
+        from tracking.runs.callback import MLflowCallback
+        from tracking.runs.stores import resolve_stores
 
         callbacks.append(MLflowCallback(resolve_stores(), experiment=args.experiment,
                                         parent_run_id=getattr(args, "parent_run_id", None), run_name=stage_name))
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "nproc", 1) != 1:
         return launch(args)
     if args.resume:
-        from recon.checkpoint import load_checkpoint
+        from recon.engine.checkpoint import load_checkpoint
 
         payload = load_checkpoint(args.resume, which="last")
         cfg, resolved = load_stage_config(data=payload["config"], overrides=args.overrides)
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"stage {cfg.stage.name}: {end.status}; best {end.best_metric} at epoch {end.best_epoch}; "
           f"checkpoints in {end.output_dir / 'checkpoints'}")
     if args.register and end.best_path is not None:
-        from tracking.registry import register_stage
+        from tracking.registry.versions import register_stage
 
         version = register_stage(end.best_path)
         print(f"registered {version}")

@@ -110,7 +110,7 @@ def _print_result(result) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tracking.tune import TuneOptions, finish, prepare, run_tune
+    from tracking.tune.study import TuneOptions, finish, prepare, run_tune
 
     if args.workers < 1:
         print("smartify tune: error: --workers must be >= 1", file=sys.stderr)

@@ -13,7 +13,7 @@ import os
 import sys
 
 from recon.errors import InputError
-from tracking.stores import ensure_local_dirs, redact_uri, resolve_stores
+from tracking.runs.stores import ensure_local_dirs, redact_uri, resolve_stores
 
 EPILOG = """examples:
   smartify ui

@@ -1,0 +1,60 @@
+"""A whole pipeline (train, register, gated promotion, submission) from the CLI on a real sqlite store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+TINY = Path(__file__).resolve().parents[2] / "experiments" / "tiny"
+FAST = ["data.max_train_slices=2", "data.max_val_slices=4", "train.panel_every=0"]
+
+
+def test_pipeline_trains_registers_promotes_and_submits(tiny_data, tmp_path, _isolated_tracking):
+    pipeline = {
+        "name": "ci",
+        "workdir": str(tmp_path / "work"),
+        "data_root": str(tiny_data),
+        "steps": [
+            {"name": "hacker_baseline", "train": str(TINY / "hacker_baseline.yaml"), "set": FAST + ["train.epochs=1"]},
+            {"name": "hacker_moe", "train": str(TINY / "hacker_moe.yaml"), "init_from": "hacker_baseline",
+             "register": True, "set": FAST + ["train.epochs=3"]},
+            {"name": "helper", "train": str(TINY / "helper_baseline.yaml"), "register": True,
+             "set": FAST + ["train.epochs=1"]},
+            {"name": "classifier", "train": str(TINY / "classifier.yaml"), "register": True,
+             "set": ["train.epochs=1", "classifier_model.arch=resnet18"]},
+            {"name": "promote_hacker", "promote": "hacker_moe"},
+            {"name": "promote_helper", "promote": "helper"},
+            {"name": "promote_classifier", "promote": "classifier"},
+            {"name": "submit", "submit": True},
+        ],
+    }
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(pipeline))
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, "-m", "tracking.cli", "pipeline", str(path)], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "submission (leaderboard SSIM on synthetic data)" in out and "zero-filled" in out
+    assert (tmp_path / "work" / "submit" / "acc4").is_dir()
+
+    from mlflow.tracking import MlflowClient
+
+    from tracking.runs.stores import resolve_stores
+
+    stores = resolve_stores()
+    client = MlflowClient(stores.tracking_uri, stores.registry_uri)
+    runs = client.search_runs([client.get_experiment_by_name("smartify").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("smartify.kind") == "pipeline"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    names = {r.info.run_name for r in children}
+    assert {"hacker_baseline", "hacker_moe", "helper", "classifier", "submission"} <= names
+    for name in ("smartify-hacker", "smartify-helper", "smartify-classifier"):
+        assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    submission = next(r for r in children if r.info.run_name == "submission")
+    assert "leaderboard" in " ".join(submission.data.metrics)

@@ -1,0 +1,1 @@
+"""The Model Registry: registered versions, gated promotion by alias, and the submission."""

@@ -1,0 +1,581 @@
+"""The model registry: a stage's best weights as a version of ``smartify-{hacker,helper,classifier}``.
+
+Registered names: a Hacker stage (``family: hacker``, baseline or MoE) becomes a version of
+``smartify-hacker``, a Helper stage one of ``smartify-helper``, the slice classifier one of
+``smartify-classifier``. A version of a reconstruction model holds either one PromptMR+ (baseline)
+or the four experts (MoE) in a single state dict.
+
+What a version holds (artifacts of the stage's MLflow run, under
+``registry/<name>/<stage>-e<epoch>-<digest12>/``)::
+
+    weights.pt           a smartify checkpoint stripped to weights + configs: no optimizer, no RNG
+    config.yaml          the resolved stage configuration (for people; weights.pt carries it too)
+    model_config.json    the network configuration
+    smartify-model.json  format, kind, stage, epoch, experts, score, sha256 of weights.pt, loader
+
+and tags on the model version: ``val_metric`` (``ssim`` | ``accuracy``), ``val_score``,
+``data_fingerprint`` (digest of the validation split, from the run's ``data.val_fingerprint`` param, or of
+all its data, ``data.fingerprint``, for runs that lack it),
+``val_protocol`` (validation split, slice cap, whether the stage trained on it), ``stage``,
+``kind``, ``family``, ``epoch``, ``experts``, ``weights_digest`` (content hash of the tensors),
+``weights_sha256`` (file hash), ``checkpoint`` (the file registered).
+
+Why state dicts read by our own loader, and not MLflow's pytorch flavour or a pyfunc model:
+``mlflow.pytorch.log_model`` pickles the whole ``nn.Module`` by default, so loading needs
+``torch.load(weights_only=False)`` (arbitrary code runs) and the class at the same import path
+(the ``ModuleNotFoundError`` of mlflow #9514 / #832). A "models from code" pyfunc avoids the pickle
+but executes a Python file stored in the artifact store at load time, and its ``predict``
+(DataFrame / ndarray in, out) does not fit k-space batches with masks and expert routing. Here a
+version is only tensors and plain data; :func:`load_version` downloads it, checks the file hash
+against the version tag, loads it with ``torch.load(weights_only=True)`` and rebuilds the module
+from its configuration with :func:`recon.engine.checkpoint.build_model` (strict: a configuration that does
+not fit the weights is an error, never a fresh model). The cost: no ``mlflow models serve``; the
+loader is this checkout's code, whose version is recorded in ``smartify-model.json``.
+
+Registration is idempotent per training run: the same weights (same ``weights_digest``) from the
+same training run (tag ``training_run``, the checkpoint's MLflow run id, or ``none``) return the
+version already registered instead of a duplicate; a re-run that happens to reproduce the weights
+bit for bit is a new run, hence a new version with its own lineage. The artifact folder name
+contains the digest, so a later, better ``best.pt`` of the same stage never overwrites the files of
+an earlier version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from recon.engine.checkpoint import build_model, load_checkpoint, save_checkpoint
+from recon.errors import InputError
+from tracking.runs.stores import Stores, get_or_create_experiment, make_client, redact_uri, resolve_stores
+
+log = logging.getLogger(__name__)
+
+#: Registered model name per stage family (the classifier has no family).
+NAMES = {"hacker": "smartify-hacker", "helper": "smartify-helper", "classifier": "smartify-classifier"}
+DESCRIPTIONS = {
+    "smartify-hacker": "Hacker system: PromptMR+ (one model or four experts) for slices whose mask is the "
+    "public equispaced pattern.",
+    "smartify-helper": "Helper system: PromptMR+ (one model or four experts) for every other mask.",
+    "smartify-classifier": "Brain/knee slice classifier that picks the expert of each file.",
+}
+ARTIFACT_FORMAT = "smartify.registered/1"
+WEIGHTS_FILE = "weights.pt"
+CONFIG_FILE = "config.yaml"
+MODEL_CONFIG_FILE = "model_config.json"
+DESCRIPTION_FILE = "smartify-model.json"
+#: Params of a stage run holding data fingerprint digests (written by tracking.runs.callback): the
+#: validation split's alone (preferred: promotion compares scores on it), else the whole data set's.
+VAL_FINGERPRINT_PARAM = "data.val_fingerprint"
+FINGERPRINT_PARAM = "data.fingerprint"
+#: Key of ``checkpoint["tracking"]`` holding the stage's MLflow run id.
+RUN_ID_KEY = "mlflow_run_id"
+DEFAULT_EXPERIMENT = "smartify"
+UNKNOWN = "unknown"
+# Keys of a checkpoint that a registered version keeps (no optimizer state, no RNG streams).
+_KEEP = ("kind", "stage", "family", "epoch", "config", "model_config", "experts", "model", "best_metric",
+         "best_epoch", "metrics", "tracking", "versions")
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """One registered version, as smartify reads its tags.
+
+    Attributes:
+        name: registered model name.
+        version: version number.
+        run_id: MLflow run that holds the artifacts (the stage's run, or a ``register-<stage>`` run).
+        source: artifact URI of the version's folder.
+        val_metric: ``ssim`` or ``accuracy``.
+        val_score: validation score of these weights (None if the version lacks the tag).
+        data_fingerprint: digest of the stage's data, or ``unknown``.
+        val_protocol: validation split, slice cap and whether the stage trained on that split, e.g.
+            ``split=val;max_slices=None;trained_on_val=False``.
+        stage, kind, family, epoch: from the checkpoint.
+        experts: expert names (MoE), else empty.
+        aliases: aliases pointing at this version.
+        created_ms: creation time (ms since the epoch).
+        description: the version's description.
+        tags: every tag of the version.
+    """
+
+    name: str
+    version: int
+    run_id: str | None
+    source: str
+    val_metric: str
+    val_score: float | None
+    data_fingerprint: str
+    val_protocol: str
+    stage: str
+    kind: str
+    family: str
+    epoch: int | None
+    experts: tuple[str, ...]
+    aliases: tuple[str, ...]
+    created_ms: int
+    description: str
+    tags: dict[str, str]
+
+    @property
+    def uri(self) -> str:
+        """``models:/<name>/<version>``."""
+        return f"models:/{self.name}/{self.version}"
+
+    def __str__(self) -> str:
+        score = f"{self.val_score:.4f}" if self.val_score is not None else "unknown"
+        return f"{self.name} version {self.version} (val {self.val_metric} {score}, {self.stage} epoch {self.epoch})"
+
+    @classmethod
+    def from_mlflow(cls, mv: Any, aliases: tuple[str, ...] = ()) -> "ModelVersionInfo":
+        """Build from an ``mlflow.entities.model_registry.ModelVersion``."""
+        tags = dict(mv.tags or {})
+        score = tags.get("val_score")
+        epoch = tags.get("epoch")
+        return cls(
+            name=mv.name, version=int(mv.version), run_id=mv.run_id, source=mv.source,
+            val_metric=tags.get("val_metric", UNKNOWN),
+            val_score=float(score) if score not in (None, "", "None") else None,
+            data_fingerprint=tags.get("data_fingerprint", UNKNOWN), val_protocol=tags.get("val_protocol", UNKNOWN),
+            stage=tags.get("stage", ""), kind=tags.get("kind", ""), family=tags.get("family", ""),
+            epoch=int(epoch) if epoch not in (None, "", "None") else None,
+            experts=tuple(e for e in tags.get("experts", "").split(",") if e),
+            aliases=tuple(sorted(set(aliases) | set(getattr(mv, "aliases", None) or ()))),
+            created_ms=int(mv.creation_timestamp or 0), description=mv.description or "", tags=tags,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (JSON-able), with ``uri``."""
+        out = asdict(self)
+        out["experts"] = list(self.experts)
+        out["aliases"] = list(self.aliases)
+        out["uri"] = self.uri
+        return out
+
+
+# --------------------------------------------------------------------------- checkpoint side
+def registered_name(payload: dict[str, Any], name: str | None = None) -> str:
+    """The registered model name for a checkpoint.
+
+    Args:
+        payload: a checkpoint dictionary.
+        name: explicit name (wins).
+
+    Returns:
+        ``smartify-hacker`` / ``smartify-helper`` for reconstruction stages of that family,
+        ``smartify-classifier`` for the classifier, or ``name``.
+    """
+    if name:
+        return name
+    if payload["kind"] == "classifier":
+        return NAMES["classifier"]
+    family = payload.get("family")
+    if family not in ("hacker", "helper"):
+        raise InputError(
+            f"{payload.get('path', '<checkpoint>')}: key 'family' is {family!r}; expected hacker or helper "
+            "(or pass --name)"
+        )
+    return NAMES[family]
+
+
+def validation_score(payload: dict[str, Any]) -> tuple[str, float | None]:
+    """The validation score of exactly these weights.
+
+    ``best_metric`` when the checkpoint is the best epoch (``best.pt``); otherwise the epoch's own
+    ``val/ssim`` (``val/accuracy``) from ``metrics`` (a ``last.pt`` whose epoch was not the best).
+
+    Args:
+        payload: a checkpoint dictionary.
+
+    Returns:
+        ``(metric, score)``: metric is ``ssim`` or ``accuracy``; score None when unknown.
+    """
+    metric = "accuracy" if payload["kind"] == "classifier" else "ssim"
+    best, best_epoch = payload.get("best_metric"), payload.get("best_epoch")
+    if best is not None and (best_epoch is None or int(best_epoch) == int(payload["epoch"])):
+        value = float(best)
+        return metric, value if value > float("-inf") else None
+    own = (payload.get("metrics") or {}).get(f"val/{metric}")
+    return metric, float(own) if own is not None else None
+
+
+def validation_protocol(payload: dict[str, Any]) -> str:
+    """What the validation score was computed on, beyond the data itself.
+
+    Args:
+        payload: a checkpoint dictionary.
+
+    Returns:
+        e.g. ``split=val;max_slices=None;trained_on_val=False`` (the classifier: its own
+        ``val_split``).
+    """
+    config = payload.get("config") or {}
+    data = config.get("data") or {}
+    if payload["kind"] == "classifier":
+        split = (config.get("classifier") or {}).get("val_split", data.get("val_split"))
+        return f"split={split}"
+    # a stage that trained on its validation split (use_val_for_final) has a score that is not comparable
+    trained_on_val = bool(data.get("use_val_for_final", False))
+    return f"split={data.get('val_split')};max_slices={data.get('max_val_slices')};trained_on_val={trained_on_val}"
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """A content hash of a state dict (names, dtypes, shapes and values; independent of file format).
+
+    Args:
+        state: the weights.
+
+    Returns:
+        sha256 hex digest.
+    """
+    h = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{key}|{state[key].dtype}|{tuple(state[key].shape)}|".encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_version_files(payload: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """Write the files of a registered version (see module docstring) into ``folder``.
+
+    Args:
+        payload: a checkpoint dictionary (from :func:`recon.engine.checkpoint.load_checkpoint`).
+        folder: destination (created).
+
+    Returns:
+        The description written to ``smartify-model.json``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stripped = {key: payload[key] for key in _KEEP if key in payload}
+    stripped["optimizer"] = None
+    weights = save_checkpoint(folder / WEIGHTS_FILE, stripped)
+    (folder / CONFIG_FILE).write_text(yaml.safe_dump(payload["config"], sort_keys=False))
+    (folder / MODEL_CONFIG_FILE).write_text(json.dumps(payload["model_config"], indent=2, default=list) + "\n")
+    metric, score = validation_score(payload)
+    description = {
+        "format": ARTIFACT_FORMAT,
+        "loader": "tracking.registry.versions.load_version (torch.load weights_only=True, recon.engine.checkpoint.build_model)",
+        "kind": payload["kind"], "stage": payload.get("stage"), "family": payload.get("family"),
+        "epoch": int(payload["epoch"]), "experts": list(payload.get("experts") or []),
+        "val_metric": metric, "val_score": score,
+        "weights_file": WEIGHTS_FILE, "weights_sha256": file_sha256(weights),
+        "weights_digest": weights_digest(payload["model"]),
+        "versions": dict(payload.get("versions") or {}),
+    }
+    (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
+    return description
+
+
+# --------------------------------------------------------------------------- registry side
+def _run_for(client, payload: dict[str, Any], stores: Stores, experiment: str) -> tuple[str, str | None]:
+    """The MLflow run that will hold the version's artifacts, and the data fingerprint it records.
+
+    The stage's own run when the checkpoint names one that exists in this store; a placeholder id
+    (the run is still in the local spool) is resolved through the spool's mapping or refused. A
+    checkpoint without a run (trained without tracking, or with another store) gets a new run
+    ``register-<stage>`` tagged with the run id the checkpoint named.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from tracking.runs.spool import Spool, is_placeholder
+
+    source = payload.get("path", "<checkpoint>")
+    run_id = (payload.get("tracking") or {}).get(RUN_ID_KEY)
+    if run_id and is_placeholder(run_id):
+        real = Spool(stores.spool_dir).mapping().get(run_id)
+        if real is None:
+            raise InputError(
+                f"{source}: its MLflow run {run_id} exists only in the local spool; run 'smartify tracking sync' first"
+            )
+        run_id = real
+    if run_id:
+        try:
+            run = client.get_run(run_id)
+            params = run.data.params
+            return run.info.run_id, params.get(VAL_FINGERPRINT_PARAM) or params.get(FINGERPRINT_PARAM)
+        except MlflowException as exc:
+            log.warning("%s: run %s not found in %s (%s); creating a registration run", source, run_id,
+                        redact_uri(stores.tracking_uri), exc.error_code)
+    experiment_id = get_or_create_experiment(experiment, stores, client)
+    tags = {"smartify.kind": "registration", "smartify.stage": str(payload.get("stage")),
+            "smartify.checkpoint": str(source)}
+    if run_id:
+        tags["smartify.checkpoint_run_id"] = str(run_id)
+    run = client.create_run(experiment_id, run_name=f"register-{payload.get('stage')}", tags=tags)
+    metric, score = validation_score(payload)
+    client.log_param(run.info.run_id, "epoch", int(payload["epoch"]))
+    if score is not None:
+        client.log_metric(run.info.run_id, f"val_{metric}", score)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id, None
+
+
+def _training_run(payload: dict[str, Any]) -> str:
+    return str((payload.get("tracking") or {}).get(RUN_ID_KEY) or "none")
+
+
+def _existing_version(client, name: str, digest: str, training_run: str):
+    for mv in client.search_model_versions(f"name='{name}'"):
+        tags = mv.tags or {}
+        if tags.get("weights_digest") == digest and tags.get("training_run", "none") == training_run:
+            return mv
+    return None
+
+
+def _ensure_registered_model(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        try:
+            client.create_registered_model(name, description=DESCRIPTIONS.get(name, ""), tags={"smartify": "true"})
+        except MlflowException:  # created concurrently
+            client.get_registered_model(name)
+
+
+def register_stage(
+    checkpoint_path: str | Path,
+    stores: Stores | None = None,
+    name: str | None = None,
+    which: str = "best",
+    data_fingerprint: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+) -> ModelVersionInfo:
+    """Register a stage's checkpoint as a new version (or return the version that has these weights).
+
+    Args:
+        checkpoint_path: a ``.pt`` file or a stage folder (its ``checkpoints/<which>.pt``).
+        stores: tracking stores (default: :func:`tracking.runs.stores.resolve_stores`).
+        name: registered model name (default from the checkpoint, see :func:`registered_name`).
+        which: ``best`` or ``last`` for a folder.
+        data_fingerprint: digest of the data the stage validated on; default: the stage run's
+            ``data.fingerprint`` param, else ``unknown`` (promotion then needs ``--force``).
+        experiment: experiment of the ``register-<stage>`` run made when the checkpoint has no run.
+
+    Returns:
+        The registered version.
+    """
+    stores = stores or resolve_stores()
+    payload = load_checkpoint(checkpoint_path, which)
+    model_name = registered_name(payload, name)
+    build_model(payload)  # refuse weights that do not rebuild before anything is written
+    client = make_client(stores)
+    digest = weights_digest(payload["model"])
+    _ensure_registered_model(client, model_name)
+    existing = _existing_version(client, model_name, digest, _training_run(payload))
+    if existing is not None:
+        log.info("%s: these weights are already %s version %s", payload["path"], model_name, existing.version)
+        return get_version_info(model_name, version=int(existing.version), stores=stores)
+    run_id, run_fingerprint = _run_for(client, payload, stores, experiment)
+    fingerprint = data_fingerprint or run_fingerprint or UNKNOWN
+    metric, score = validation_score(payload)
+    stage = str(payload.get("stage") or "stage")
+    folder = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', stage)}-e{int(payload['epoch']):03d}-{digest[:12]}"
+    artifact_path = f"registry/{model_name}/{folder}"
+    with tempfile.TemporaryDirectory(prefix="smartify-register-") as tmp:
+        description = export_version_files(payload, tmp)
+        client.log_artifacts(run_id, tmp, artifact_path)
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    experts = list(payload.get("experts") or [])
+    tags = {
+        "val_metric": metric, "val_score": repr(score) if score is not None else "None",
+        "data_fingerprint": fingerprint, "val_protocol": validation_protocol(payload),
+        "stage": stage, "kind": str(payload["kind"]), "family": str(payload.get("family") or "none"),
+        "epoch": str(int(payload["epoch"])), "experts": ",".join(experts),
+        "weights_digest": digest, "weights_sha256": description["weights_sha256"],
+        "training_run": _training_run(payload),
+        "checkpoint": str(payload["path"]),
+    }
+    score_text = f"{score:.4f}" if score is not None else "unknown"
+    text = (f"{stage} epoch {int(payload['epoch'])}: val {metric} {score_text}; {payload['kind']}"
+            + (f" ({', '.join(experts)})" if experts else ""))
+    mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags, description=text)
+    client.set_tag(run_id, f"registry.{model_name}", str(mv.version))
+    log.info("registered %s version %s from %s (val %s %s)", model_name, mv.version, payload["path"], metric,
+             score_text)
+    return get_version_info(model_name, version=int(mv.version), stores=stores)
+
+
+def parse_model_ref(
+    uri_or_name: str, version: int | str | None = None, alias: str | None = None
+) -> tuple[str, int | None, str | None]:
+    """Split a model reference into ``(name, version, alias)``; exactly one of the last two is set.
+
+    Args:
+        uri_or_name: ``models:/name/3``, ``models:/name@champion`` or a plain name.
+        version: version when ``uri_or_name`` is a name.
+        alias: alias when ``uri_or_name`` is a name.
+
+    Returns:
+        ``(name, version or None, alias or None)``.
+    """
+    if uri_or_name.startswith("models:/"):
+        match = _URI.match(uri_or_name)
+        if match is None:
+            raise InputError(f"model URI {uri_or_name!r}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+        if version is not None or alias is not None:
+            raise InputError(f"model URI {uri_or_name!r} already names a version or alias")
+        v = match.group("version")
+        return match.group("name"), int(v) if v else None, match.group("alias")
+    if (version is None) == (alias is None):
+        raise InputError(f"model {uri_or_name!r}: give exactly one of a version or an alias")
+    if version is not None:
+        try:
+            return uri_or_name, int(version), None
+        except ValueError:
+            raise InputError(f"model {uri_or_name!r}: version must be an integer, got {version!r}") from None
+    return uri_or_name, None, str(alias)
+
+
+def _model_version(client, name: str, version: int | None, alias: str | None):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if alias is not None:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        what = f"alias {alias!r}" if alias is not None else f"version {version}"
+        raise InputError(f"registered model {name!r}: no {what} ({exc.error_code})") from None
+
+
+def _aliases(client, name: str) -> dict[int, tuple[str, ...]]:
+    """Aliases of a registered model, by version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        aliases = client.get_registered_model(name).aliases or {}
+    except MlflowException:
+        return {}
+    out: dict[int, list[str]] = {}
+    for alias, version in aliases.items():
+        out.setdefault(int(version), []).append(alias)
+    return {v: tuple(sorted(a)) for v, a in out.items()}
+
+
+def get_version_info(
+    uri_or_name: str, version: int | str | None = None, alias: str | None = None, stores: Stores | None = None
+) -> ModelVersionInfo:
+    """Look up a version by URI, by name and version, or by name and alias.
+
+    Args:
+        uri_or_name: ``models:/name/3``, ``models:/name@alias`` or a name.
+        version: with a name.
+        alias: with a name.
+        stores: tracking stores (default: resolved).
+
+    Returns:
+        The version's information (with every alias that points at it).
+    """
+    name, number, alias = parse_model_ref(uri_or_name, version, alias)
+    client = make_client(stores or resolve_stores())
+    mv = _model_version(client, name, number, alias)
+    return ModelVersionInfo.from_mlflow(mv, _aliases(client, name).get(int(mv.version), ()))
+
+
+def list_versions(name: str | None = None, stores: Stores | None = None) -> list[ModelVersionInfo]:
+    """Every version (of one registered model, or of all), sorted by name then version.
+
+    Args:
+        name: a registered model name, or None for all.
+        stores: tracking stores (default: resolved).
+
+    Returns:
+        The versions.
+    """
+    client = make_client(stores or resolve_stores())
+    names = [name] if name else sorted(m.name for m in client.search_registered_models())
+    out: list[ModelVersionInfo] = []
+    for model_name in names:
+        aliases = _aliases(client, model_name)
+        for mv in client.search_model_versions(f"name='{model_name}'"):
+            out.append(ModelVersionInfo.from_mlflow(mv, aliases.get(int(mv.version), ())))
+    return sorted(out, key=lambda i: (i.name, i.version))
+
+
+def download_version(info: ModelVersionInfo, dst: str | Path, stores: Stores | None = None) -> Path:
+    """Download a version's files into ``dst`` and check ``weights.pt`` against the version's tag.
+
+    Args:
+        info: the version.
+        dst: an existing, empty folder.
+        stores: tracking stores (default: resolved).
+
+    Returns:
+        The folder that holds ``weights.pt``.
+    """
+    import mlflow
+
+    stores = stores or resolve_stores()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    local = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=info.source, dst_path=str(dst), tracking_uri=stores.tracking_uri
+    ))
+    weights = local / WEIGHTS_FILE
+    if not weights.is_file():
+        raise InputError(f"{info.uri}: {info.source} has no {WEIGHTS_FILE} (not a smartify registered version)")
+    expected = info.tags.get("weights_sha256")
+    if expected and file_sha256(weights) != expected:
+        raise InputError(f"{info.uri}: {WEIGHTS_FILE} does not match the version's weights_sha256 tag (corrupt copy?)")
+    return local
+
+
+def load_version(
+    uri_or_name: str,
+    version: int | str | None = None,
+    alias: str | None = None,
+    stores: Stores | None = None,
+    map_location: str | torch.device = "cpu",
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load a registered version: download, verify, ``weights_only=True`` load, rebuild from config.
+
+    Args:
+        uri_or_name: ``models:/name@alias``, ``models:/name/3`` or a name (with version or alias).
+        version: with a name.
+        alias: with a name.
+        stores: tracking stores (default: resolved).
+        map_location: device for the tensors.
+
+    Returns:
+        ``(module, payload)``: the module in eval mode on the CPU (``PromptMR``,
+        ``MixtureOfExperts`` or ``SliceClassifier``) and the checkpoint dictionary, with
+        ``payload["registry"]`` = :meth:`ModelVersionInfo.to_dict` and ``payload["path"]`` = the URI.
+    """
+    stores = stores or resolve_stores()
+    info = get_version_info(uri_or_name, version, alias, stores)
+    tmp = tempfile.mkdtemp(prefix="smartify-model-")
+    try:
+        local = download_version(info, tmp, stores)
+        payload = load_checkpoint(local / WEIGHTS_FILE, map_location=map_location)
+        payload["path"] = info.uri
+        module = build_model(payload)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    payload["registry"] = info.to_dict()
+    log.info("loaded %s (%s, stage %s, epoch %s)", info.uri, info.kind, info.stage, info.epoch)
+    return module, payload

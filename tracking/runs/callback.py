@@ -1,0 +1,431 @@
+"""The MLflow side of the engine's events: one MLflow run per stage, nested under a pipeline run.
+
+:class:`MLflowCallback` implements :class:`recon.events.Callback`. A stage logs its flattened
+configuration, seeds, data set and model size as params once; environment, git and lineage as
+tags; one ``log_batch`` per epoch with ``step=epoch``; the resolved config, the data fingerprint,
+the best/last checkpoints and plots as artifacts. The run id is stored in every checkpoint
+(:meth:`MLflowCallback.state_dict`), so ``--resume`` reopens the same run: steps the run already
+has are not logged again and params keep their first value (a changed one is listed in the tag
+``resume.changed_params``). Every write goes through :class:`tracking.runs.spool.TrackingWriter`, so a
+dead tracking server never stops training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import platform
+import re
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from recon import __version__ as smartify_version
+from recon.config import dump_yaml, flatten
+from recon.errors import InputError
+from recon.events import Callback, CheckpointSaved, Divergence, EpochEnd, StageEnd, StageStart
+from tracking.runs import plots
+from tracking.runs.spool import CHANGED_PARAMS_TAG, MAX_TAG_VALUE, TrackingWriter
+from tracking.runs.stores import Stores, repo_root, resolve_stores
+
+log = logging.getLogger(__name__)
+
+MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
+MAX_KEY = 250  # MLflow's limit on a param, tag or metric name
+STATUS = {"finished": "FINISHED", "diverged": "FAILED", "failed": "FAILED", "killed": "KILLED", "interrupted": "KILLED"}
+CURVE_PREFIXES = ("train/", "val/", "best_")
+
+
+def mlflow_key(name: str) -> str:
+    """A valid MLflow param/metric/tag name: allowed characters only, a clean relative path, <= 250 chars."""
+    cleaned = re.sub(r"[^/\w.\- :]", "_", str(name))
+    parts = [("_" if p in (".", "..") else p) for p in cleaned.split("/") if p]
+    return ("/".join(parts) or "_")[:MAX_KEY]
+
+
+def param_value(value: Any) -> tuple[str, bool]:
+    """A param's text (lists and dicts as compact JSON) and whether it had to be truncated."""
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str) \
+        if isinstance(value, (list, tuple, dict)) else str(value)
+    if len(text) <= MAX_PARAM_VALUE:
+        return text, False
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    marker = f"...[truncated {len(text)} chars, sha256 {digest}; see config.yaml]"
+    return text[: MAX_PARAM_VALUE - len(marker)] + marker, True
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def git_state() -> tuple[str, str]:
+    """``(commit, dirty)`` of the smartify checkout (``unknown`` outside a git checkout)."""
+    try:
+        root = repo_root()
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=20, check=True).stdout.strip()
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True,
+                                timeout=20, check=True).stdout
+    except (InputError, OSError, subprocess.SubprocessError) as exc:
+        log.debug("git state unknown: %s", exc)
+        return "unknown", "unknown"
+    return commit, "true" if status.strip() else "false"
+
+
+def environment_tags() -> dict[str, str]:
+    """Git commit and dirty flag, package and Python versions."""
+    commit, dirty = git_state()
+    tags = {"git.commit": commit, "git.dirty": dirty, "version.python": platform.python_version(),
+            "version.smartify": smartify_version}
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    for package in ("mlflow", "optuna", "numpy", "h5py"):
+        tags[f"version.{package}"] = _version(package)
+    import torch  # the build tag (+cu130, +cpu) and the CUDA/cuDNN versions are only known at runtime
+
+    tags["version.torch"] = torch.__version__
+    tags["version.cuda"] = str(torch.version.cuda)
+    tags["version.cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "None"
+    return tags
+
+
+def start_parent_run(
+    stores: Stores, experiment: str, name: str, tags: dict[str, str] | None = None,
+    writer: TrackingWriter | None = None,
+) -> str:
+    """Create the parent run of one pipeline invocation; stage runs nest under it.
+
+    Args:
+        stores: tracking stores.
+        experiment: experiment name.
+        name: run name (e.g. the pipeline or study name).
+        tags: extra tags.
+        writer: a writer to share with the stage callbacks (one is made if None).
+
+    Returns:
+        The run id (a ``local-`` placeholder while the server is unreachable).
+    """
+    writer = writer or TrackingWriter(stores)
+    all_tags = {**environment_tags(), "smartify.kind": "pipeline", **(tags or {})}
+    return writer.create_run(experiment, name, all_tags)
+
+
+@contextmanager
+def parent_run(
+    stores: Stores, experiment: str, name: str, tags: dict[str, str] | None = None,
+    writer: TrackingWriter | None = None,
+) -> Iterator[str]:
+    """Context manager around :func:`start_parent_run`: FINISHED on success, KILLED on Ctrl-C, else FAILED."""
+    writer = writer or TrackingWriter(stores)
+    run_id = start_parent_run(stores, experiment, name, tags, writer)
+    status = "FAILED"
+    try:
+        yield run_id
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        writer.set_terminated(run_id, status)
+        writer.flush()
+
+
+class MLflowCallback(Callback):
+    """One MLflow run per stage (see module docstring).
+
+    Args:
+        stores: tracking stores (resolved from the environment if None).
+        experiment: experiment name.
+        parent_run_id: pipeline run to nest under.
+        run_name: run name (default: the stage name).
+        artifact_checkpoints: upload best/last checkpoints (``checkpoints/best.pt``, ``last.pt``).
+        system_metrics: MLflow's system metrics monitor (CPU, memory, disk, network; GPU with nvidia-ml-py).
+        panel_every: log reconstruction panels on epochs divisible by this (when the event has panels).
+        extra_tags: more run tags.
+        writer: the tracking writer (one is made if None); share it with the parent run.
+    """
+
+    name = "mlflow"
+
+    def __init__(
+        self,
+        stores: Stores | None = None,
+        experiment: str = "smartify",
+        parent_run_id: str | None = None,
+        run_name: str | None = None,
+        artifact_checkpoints: bool = True,
+        system_metrics: bool = True,
+        panel_every: int = 1,
+        extra_tags: dict[str, str] | None = None,
+        writer: TrackingWriter | None = None,
+    ) -> None:
+        if panel_every < 1:
+            raise ValueError(f"panel_every must be >= 1, got {panel_every}")
+        self.stores = stores or resolve_stores()
+        self.writer = writer or TrackingWriter(self.stores)
+        self.experiment = experiment
+        self.parent_run_id = parent_run_id
+        self.run_name = run_name
+        self.artifact_checkpoints = artifact_checkpoints
+        self.system_metrics = system_metrics
+        self.panel_every = panel_every
+        self.extra_tags = dict(extra_tags or {})
+        self.run_id: str | None = None
+        self._stage: StageStart | None = None
+        self._history: dict[str, list[tuple[int, float]]] = {}
+        self._last_step: dict[str, int] | None = {}
+        self._divergence: Divergence | None = None
+        self._monitor = None
+
+    # ---- events -------------------------------------------------------------------------------
+
+    def on_stage_start(self, event: StageStart) -> None:
+        self._stage = event
+        self._history, self._last_step, self._divergence = {}, {}, None
+        params, truncated = self._params(event)
+        tags = self._tags(event)
+        if truncated:
+            tags["smartify.truncated_params"] = ",".join(truncated)[:MAX_TAG_VALUE]
+        resume_id = event.resume_state.get("mlflow_run_id")
+        if resume_id and self._resume(str(resume_id), event, params):
+            return
+        if resume_id:
+            tags["smartify.resumed_from_run_id"] = str(resume_id)
+        self.run_id = self.writer.create_run(self.experiment, self.run_name or event.stage, tags)
+        self.writer.log_batch(self.run_id, params=params)
+        self._log_config(event.config, "config.yaml")
+        self._log_text(json.dumps(event.data_fingerprint, indent=1, sort_keys=True, default=str),
+                       "data_fingerprint.json")
+        self._start_monitor(resume=False)
+        log.info("mlflow run %s (%s) for stage %s", self.run_id, self.stores.describe()["tracking_uri"], event.stage)
+
+    def on_epoch_end(self, event: EpochEnd) -> None:
+        if self.run_id is None:
+            raise RuntimeError("MLflowCallback.on_epoch_end before on_stage_start")
+        if self._last_step is None and self.writer.online:
+            self._load_run_state()  # resumed while the server was down: learn what it already has
+        timestamp = int(time.time() * 1000)
+        rows = []
+        for name, value in event.metrics.items():
+            key = mlflow_key(name)
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                log.warning("metric %s=%r is not a number; not logged", name, value)
+                continue
+            if self._last_step and event.epoch <= self._last_step.get(key, -1):
+                continue  # the run has this step already (resumed after the metrics were logged)
+            rows.append((key, value, timestamp, event.epoch))
+            self._history.setdefault(key, []).append((event.epoch, value))
+        if len(rows) < len(event.metrics):
+            log.info("epoch %d: %d metric(s) already in run %s, not logged again",
+                     event.epoch, len(event.metrics) - len(rows), self.run_id)
+        sent = self.writer.log_batch(self.run_id, metrics=rows) if rows else False
+        self._plots(event)
+        if sent and self.system_metrics and self._monitor_dead():
+            self._start_monitor(resume=True)  # the server answered just now
+
+    def on_checkpoint(self, event: CheckpointSaved) -> None:
+        if self.run_id is None:
+            return
+        if self.artifact_checkpoints:
+            self.writer.log_artifact(self.run_id, event.path, "checkpoints", name=f"{event.kind}.pt")
+        if event.kind == "best":
+            tags = {"smartify.best_epoch": str(event.epoch)}
+            if event.metric is not None:
+                tags["smartify.best_metric"] = f"{event.metric:.6g}"
+            self.writer.log_batch(self.run_id, tags=tags)
+
+    def on_divergence(self, event: Divergence) -> None:
+        self._divergence = event
+        if self.run_id is not None:
+            self.writer.log_batch(self.run_id, tags={
+                "smartify.divergence": event.reason[:MAX_TAG_VALUE], "smartify.divergence_epoch": str(event.epoch),
+                "smartify.divergence_step": str(event.step), "smartify.divergence_loss": repr(event.loss),
+            })
+
+    def on_stage_end(self, event: StageEnd) -> None:
+        if self.run_id is None:
+            return
+        status = STATUS.get(event.status, "FAILED")
+        if self._divergence is not None and status == "FINISHED":
+            status = "FAILED"
+        tags = {"smartify.status": event.status}
+        if event.best_metric is not None:
+            tags["smartify.best_metric"] = f"{event.best_metric:.6g}"
+            tags["smartify.best_epoch"] = str(event.best_epoch)
+        self.writer.log_batch(self.run_id, tags=tags)
+        self._stop_monitor()
+        self.writer.set_terminated(self.run_id, status)
+        self.writer.flush(force=self.writer.pending_records(self.run_id) > 0)
+        left = self.writer.pending_records(self.run_id)
+        if left:
+            log.warning("%d tracking record(s) of run %s are spooled in %s; run `smartify tracking sync` "
+                        "when the server is back", left, self.run_id, self.writer.spool.dir)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.run_id is None:
+            return {}
+        return {"mlflow_run_id": self.writer.resolve(self.run_id) or self.run_id}
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _params(self, event: StageStart) -> tuple[dict[str, str], list[str]]:
+        flat = {mlflow_key(k): v for k, v in flatten(event.config).items()}
+        digest = event.data_fingerprint.get("digest") or hashlib.sha256(
+            json.dumps(event.data_fingerprint, sort_keys=True, default=str).encode()).hexdigest()
+        ours = {**{mlflow_key(f"seed.{k}"): v for k, v in event.seeds.items()},
+                "data.root": event.data_root, "data.fingerprint": digest, "model.param_count": event.param_count}
+        if event.data_fingerprint.get("val_digest"):
+            # the digest of the validation split alone: what promotion compares scores on
+            ours["data.val_fingerprint"] = event.data_fingerprint["val_digest"]
+        for key in sorted(set(flat) & set(ours)):
+            if str(flat[key]) != str(ours[key]):
+                log.debug("param %s: config value %r replaced by the stage's %r", key, flat[key], ours[key])
+        params, truncated = {}, []
+        for key, value in {**flat, **ours}.items():
+            params[key], cut = param_value(value)
+            if cut:
+                truncated.append(key)
+        return params, truncated
+
+    def _tags(self, event: StageStart) -> dict[str, str]:
+        tags = {**environment_tags(), "smartify.stage": event.stage, "smartify.kind": event.kind,
+                "smartify.family": event.family or "none", "device": event.device,
+                "smartify.output_dir": str(event.output_dir)}
+        tags.update({mlflow_key(f"determinism.{k}"): str(v) for k, v in event.determinism.items()})
+        if self.parent_run_id:
+            tags["mlflow.parentRunId"] = self.parent_run_id
+        if event.init_from:
+            tags["smartify.init_from"] = str(event.init_from)
+        if event.init_from_state.get("mlflow_run_id"):
+            tags["smartify.init_from_run_id"] = str(event.init_from_state["mlflow_run_id"])
+        tags.update(self.extra_tags)
+        return {k: str(v)[:MAX_TAG_VALUE] for k, v in tags.items()}
+
+    def _resume(self, resume_id: str, event: StageStart, params: dict[str, str]) -> bool:
+        """Reopen the run of the checkpoint; False when the server says it does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        self.writer.flush()  # what an earlier invocation spooled goes first
+        real = self.writer.resolve(resume_id)
+        self.run_id = resume_id
+        self._last_step = None  # unknown until the server answers; the spool replay dedups meanwhile
+        if real is not None:
+            try:
+                ok, run = self.writer.call(self.writer.client.get_run, real)
+            except MlflowException as exc:
+                log.warning("run %s of the checkpoint not found in %s (%s); starting a new run",
+                            resume_id, self.stores.describe()["tracking_uri"], exc)
+                self.run_id = None
+                return False
+            if ok and run.info.lifecycle_stage == "deleted":
+                log.warning("run %s of the checkpoint is deleted; starting a new run", resume_id)
+                self.run_id = None
+                return False
+            if ok:
+                have = run.data.params
+                changed = sorted(k for k, v in params.items() if k in have and have[k] != v)
+                if changed:
+                    log.warning("resumed run %s: params changed since first logged, kept the first values: %s",
+                                real, changed)
+                    before = [k for k in run.data.tags.get(CHANGED_PARAMS_TAG, "").split(",") if k]
+                    self.writer.log_batch(real, tags={
+                        CHANGED_PARAMS_TAG: ",".join(sorted(set(before) | set(changed)))[:MAX_TAG_VALUE]})
+                    self._log_config(event.config, f"config_resumed_epoch{event.start_epoch:04d}.yaml")
+                params = {k: v for k, v in params.items() if k not in have}
+                self._load_run_state()
+        if params:
+            self.writer.log_batch(self.run_id, params=params)  # new keys only (the replay drops known ones)
+        commit, dirty = git_state()
+        self.writer.reopen(self.run_id)
+        self.writer.log_batch(self.run_id, tags={
+            "smartify.resumed_at_epoch": str(event.start_epoch), "resume.git.commit": commit, "resume.git.dirty": dirty})
+        self._start_monitor(resume=True)
+        log.info("resumed mlflow run %s at epoch %d", self.run_id, event.start_epoch)
+        return True
+
+    def _load_run_state(self) -> None:
+        """Last logged step and history of every training metric of the run (one request per key)."""
+        real = self.writer.resolve(self.run_id) if self.run_id else None
+        ok, run = self.writer.call(self.writer.client.get_run, real) if real else (False, None)
+        if not ok:
+            self._last_step = None
+            return
+        last, history = {}, {}
+        for key in run.data.metrics:
+            if key.startswith("system/"):
+                continue
+            ok, points = self.writer.call(self.writer.client.get_metric_history, real, key)
+            if not ok:
+                self._last_step = None
+                return
+            history[key] = sorted((int(m.step), float(m.value)) for m in points)
+            last[key] = max((s for s, _ in history[key]), default=-1)
+        for key, points in history.items():
+            merged = dict(points)
+            merged.update(dict(self._history.get(key, [])))
+            self._history[key] = sorted(merged.items())
+        self._last_step = last
+
+    def _log_text(self, text: str, name: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="smartify-mlflow-") as tmp:
+            path = Path(tmp) / name
+            path.write_text(text)
+            self.writer.log_artifact(self.run_id, path)
+
+    def _log_config(self, config: dict[str, Any], name: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="smartify-mlflow-") as tmp:
+            self.writer.log_artifact(self.run_id, dump_yaml(config, Path(tmp) / name))
+
+    def _plots(self, event: EpochEnd) -> None:
+        stage = self._stage
+        folder = Path(stage.output_dir) / "plots" if stage else Path(tempfile.mkdtemp(prefix="smartify-plots-"))
+        title = f"{stage.stage if stage else ''} (run {self.run_id})"
+        try:
+            curves = {k: v for k, v in self._history.items() if k.startswith(CURVE_PREFIXES)}
+            self.writer.log_artifact(self.run_id, plots.plot_curves(curves, folder / "curves.png", title), "plots")
+            self.writer.log_artifact(self.run_id, plots.plot_schedules(self._history, folder / "schedules.png", title=title),
+                                     "plots")
+            if event.panels and event.epoch % self.panel_every == 0:
+                path = plots.plot_panel(event.panels, folder / f"panel_epoch{event.epoch:04d}.png",
+                                        f"{title}, epoch {event.epoch}")
+                self.writer.log_artifact(self.run_id, path, "plots/panels")
+        except (ValueError, OSError, RuntimeError) as exc:
+            # A plot must never cost the training run; the error stays visible in the log.
+            log.error("epoch %d: plots not made: %s", event.epoch, exc)
+
+    def _start_monitor(self, resume: bool) -> None:
+        real = self.writer.resolve(self.run_id) if self.run_id else None
+        if not self.system_metrics or real is None or not self.writer.online:
+            return
+        self._stop_monitor()
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(real, resume_logging=resume, tracking_uri=self.stores.tracking_uri)
+            self._monitor.start()
+        except Exception as exc:  # psutil missing, no permission...: system metrics are optional
+            log.warning("system metrics not logged: %s", exc)
+            self._monitor = None
+            return
+        self.writer.log_batch(self.run_id, tags={"smartify.system_metrics": "mlflow"})
+
+    def _monitor_dead(self) -> bool:
+        # MLflow's monitor stops for good when the server does not answer; it is restarted once it does.
+        thread = getattr(self._monitor, "_process", None)
+        return not (thread is not None and thread.is_alive())
+
+    def _stop_monitor(self) -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+

@@ -1,0 +1,563 @@
+"""Optuna studies over a training stage: storage, sampler, the trial objective, workers and the end of a study.
+
+One study lives in an RDB storage (default ``sqlite:///<home>/optuna.db``; ``postgresql://...`` for many
+machines) with heartbeats: a trial whose worker dies is marked FAIL by the next worker after the grace period
+and re-queued with the same parameters (``RetryHeartbeatStaleTrialCallback``; the retry carries the system
+attributes ``failed_trial`` and ``retry_history``). The study is created once, before any worker optimizes;
+every later process loads it, so several processes running the same command share it.
+
+A trial samples the search space (:mod:`tracking.tune.config`), builds its stage (the base stage, ``fixed``,
+``trial_only``, ``--set``, the sampled values, then its own epochs, output folder and seeds), predicts its
+peak memory and trains ``epochs_per_trial`` epochs with :func:`recon.engine.trainer.run_stage`, reporting the
+metric every epoch to the pruner. :func:`tracking.tune.oom.guard_objective` turns predicted and real OOM and
+divergence into PRUNED trials with a ``prune_reason``, and records other errors.
+
+Sampling is explicit: the sampler is re-created for every trial with a seed derived from (study seed, trial
+number), so proposals depend on the trial number only, and workers never propose the same start-up points.
+With ``seed_per_trial`` each trial's stage and model seeds derive from (study seed, original trial number)
+(a retried trial keeps the seeds of the trial it repeats). The objective never draws from global RNGs; it
+seeds them once per trial at its start, as the ``train`` entry point does.
+
+Tracking (:class:`StudyTracker`): one MLflow parent run per study (its id is kept in the study's user
+attributes), one nested run per trial (params, per-epoch metrics, ``optuna.state``, ``smartify.prune_reason``),
+and at the end the optimisation-history, intermediate-value and parameter-importance figures, the trial table
+and the overlay on the study run. The best trial's values go to a stage overlay (:func:`write_overlay`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import optuna
+from optuna.samplers import BaseSampler
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from recon.engine.runtime import select_device
+from recon.engine.stage import StageConfig
+from recon.engine.trainer import DivergenceError, run_stage
+from recon.errors import InputError
+from recon.events import Callback, CallbackList, ConsoleCallback, Divergence, EpochEnd
+from recon.seeding import derive_seed, seed_everything
+from tracking.tune.oom import CATCH, MemoryPrediction, MemoryPredictor, ProbeInput, guard_objective, release_memory
+from tracking.tune.config import SearchSpace, StageLayers, TuneConfig, format_bytes
+from tracking.tune.report import (
+    format_table,
+    importance_evaluator,
+    plot_study,
+    summary_metrics,
+    trial_rows,
+    write_overlay,
+)
+from tracking.tune.study_runs import StudyTracker
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT = "smartify-tune"
+ORIGIN_ATTR = "origin_trial"
+
+
+# ----- storage, sampler, pruner, study --------------------------------------------------------------------------
+def open_storage(url: str, interval: int, grace_period: int, max_retry: int,
+                 on_stale: Callable[[optuna.Study, FrozenTrial], None] | None = None) -> RDBStorage:
+    """An RDB storage with heartbeats and retry of stale trials.
+
+    Args:
+        url: SQLAlchemy URL (``sqlite:///path.db``, ``postgresql://user@host/db``).
+        interval: heartbeat interval in seconds.
+        grace_period: seconds without heartbeat after which a running trial is failed.
+        max_retry: times a stale trial is re-queued (0: never).
+        on_stale: called with each stale trial after the retry was queued (e.g. to close its tracking run).
+
+    Returns:
+        The storage (tables created if missing).
+    """
+    if url.startswith("sqlite:///"):
+        path = url[len("sqlite:///"):]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    # SQLite serialises writers; wait for the lock instead of failing while another worker writes.
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+
+    def stale(study: optuna.Study, trial: FrozenTrial) -> None:
+        log.warning("trial %d of study %s had no heartbeat for %d s: marked FAIL%s", trial.number,
+                    study.study_name, grace_period, ", re-queued" if retry else "")
+        if retry is not None:
+            retry(study, trial)
+        if on_stale is not None:
+            on_stale(study, trial)
+
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry) if max_retry > 0 else None
+        for attempt in range(3):
+            try:
+                return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=interval,
+                                  grace_period=grace_period, heartbeat_stale_trial_callback=stale)
+            except (OperationalError, IntegrityError) as exc:
+                # Processes started together on a new database race to create its tables; the loser
+                # finds them on the next attempt. (--workers creates the study first and avoids this.)
+                if attempt == 2:
+                    raise
+                log.warning("storage not ready (%s); retrying", str(exc).splitlines()[0][:200])
+                time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
+class TrialSeededSampler(BaseSampler):
+    """A sampler re-created before every trial with a seed derived from (study seed, trial number).
+
+    Optuna's samplers draw from one generator per process, so two workers with the same seed propose the same
+    start-up points, and a sampler without a seed is not reproducible. Here the draws of trial ``n`` depend on
+    ``n`` and the study's history only.
+
+    Args:
+        factory: ``factory(seed) -> sampler``.
+        seed: the study seed.
+    """
+
+    def __init__(self, factory: Callable[[int], BaseSampler], seed: int) -> None:
+        self._factory = factory
+        self._seed = seed
+        self._inner = factory(seed % 2**32)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self._inner = self._factory(derive_seed(self._seed, "sampler", trial.number) % 2**32)
+        self._inner.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial):  # noqa: D102 - delegation
+        return self._inner.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):  # noqa: D102
+        return self._inner.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):  # noqa: D102
+        return self._inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial, state, values):  # noqa: D102
+        self._inner.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:  # noqa: D102
+        self._inner.reseed_rng()
+
+
+def make_sampler(cfg: TuneConfig) -> BaseSampler:
+    """The configured sampler, seeded per trial (:class:`TrialSeededSampler`)."""
+    s = cfg.sampler
+
+    def factory(seed: int) -> BaseSampler:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if s.kind == "random":
+                return optuna.samplers.RandomSampler(seed=seed)
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials,
+                                              multivariate=s.multivariate, constant_liar=s.constant_liar)
+
+    return TrialSeededSampler(factory, cfg.seed)
+
+
+def make_pruner(cfg: TuneConfig) -> optuna.pruners.BasePruner:
+    """The configured pruner (``none``: never prunes on the metric)."""
+    p = cfg.pruner
+    if p.kind == "none":
+        return optuna.pruners.NopPruner()
+    if p.kind == "percentile":
+        return optuna.pruners.PercentilePruner(p.percentile, n_startup_trials=p.n_startup_trials,
+                                               n_warmup_steps=p.n_warmup_steps, interval_steps=p.interval_steps)
+    return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps,
+                                       interval_steps=p.interval_steps)
+
+
+def open_study(storage: RDBStorage, name: str, cfg: TuneConfig, attrs: dict[str, Any] | None = None) -> optuna.Study:
+    """Create the study or load it (same name, same direction); record ``attrs`` the first time.
+
+    Args:
+        storage: the storage.
+        name: study name.
+        cfg: the tune configuration (direction, sampler, pruner).
+        attrs: study user attributes written when absent (the tune file, the space...).
+
+    Returns:
+        The study.
+
+    Raises:
+        InputError: a study of that name exists with the other direction.
+    """
+    study = optuna.create_study(storage=storage, study_name=name, direction=cfg.direction, load_if_exists=True,
+                                sampler=make_sampler(cfg), pruner=make_pruner(cfg))
+    if study.direction.name.lower() != cfg.direction:
+        raise InputError(f"study {name!r} exists with direction {study.direction.name.lower()}, "
+                         f"the tune file says {cfg.direction}")
+    have = study.user_attrs
+    for key, value in (attrs or {}).items():
+        if key not in have:
+            study.set_user_attr(key, value)
+        elif key == "space" and have[key] != value:
+            log.warning("study %s: the search space differs from the one it was created with", name)
+    return study
+
+
+# ----- one trial ------------------------------------------------------------------------------------------------
+class _Reporter(Callback):
+    """Reports the metric of every epoch to the trial and asks the pruner (last in the callback list)."""
+
+    name = "optuna"
+
+    def __init__(self, trial: optuna.trial.Trial, metric: str, start_epoch: int, maximize: bool) -> None:
+        self.trial, self.metric, self.start_epoch, self.maximize = trial, metric, start_epoch, maximize
+        self.values: list[float] = []
+
+    def on_epoch_end(self, event: EpochEnd) -> None:
+        if self.metric not in event.metrics:
+            raise InputError(f"metric {self.metric!r} is not reported by the stage (have: "
+                             f"{', '.join(sorted(event.metrics)[:12])}...)")
+        value = float(event.metrics[self.metric])
+        if not math.isfinite(value):
+            raise DivergenceError(Divergence(event.epoch, -1, f"non-finite {self.metric}", value))
+        step = event.epoch - self.start_epoch
+        self.trial.report(value, step)
+        self.values.append(value)
+        self.trial.set_user_attr("epochs_done", step + 1)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {event.epoch}: {self.metric}={value:.5g}")
+
+    def best(self) -> float | None:
+        if not self.values:
+            return None
+        return max(self.values) if self.maximize else min(self.values)
+
+
+@dataclass
+class TuneSession:
+    """Everything a worker needs to run trials of one study.
+
+    Attributes:
+        cfg: the tune configuration.
+        study_name: the study.
+        layers: the base stage with ``fixed``, ``trial_only`` and ``--set``.
+        space: the prepared search space.
+        budget_bytes: memory budget (None: no prediction check).
+        probe_input: the largest training input.
+        predictor: the memory predictor (cached per model configuration).
+        output_root: folder of the trial outputs.
+        tracker: MLflow tracking, or None.
+        extra_callbacks: more engine callbacks for every trial (tests, custom reporting).
+        start_epoch: the base stage's first epoch (a trial trains ``epochs_per_trial`` from there).
+    """
+
+    cfg: TuneConfig
+    study_name: str
+    layers: StageLayers
+    space: SearchSpace
+    budget_bytes: int | None
+    probe_input: ProbeInput
+    predictor: MemoryPredictor
+    output_root: Path
+    tracker: StudyTracker | None = None
+    extra_callbacks: list[Callback] = field(default_factory=list)
+    start_epoch: int = 0
+
+    def trial_dir(self, number: int) -> Path:
+        """The output folder of trial ``number``."""
+        return self.output_root / f"trial_{number:04d}"
+
+    def trial_stage(self, trial: optuna.trial.Trial) -> tuple[StageConfig, dict[str, Any], dict[str, Any]]:
+        """The trial's stage: sampled values, then its epochs, folder, start point and seeds.
+
+        Returns:
+            ``(config, resolved config, sampled values by dotted key)``.
+        """
+        params = self.space.sample(trial)
+        origin = trial.user_attrs.get(ORIGIN_ATTR)
+        if origin is None:
+            origin = trial.number
+            trial.set_user_attr(ORIGIN_ATTR, origin)
+        items = list(params.items()) + [
+            ("train.epochs", self.start_epoch + self.cfg.epochs_per_trial),
+            ("output.dir", str(self.trial_dir(trial.number))),
+            ("init_from", self.cfg.init_from),
+        ]
+        if self.cfg.seed_per_trial:
+            items += [("seed", derive_seed(self.cfg.seed, "trial", int(origin), "stage") % 2**31),
+                      ("model.seed", derive_seed(self.cfg.seed, "trial", int(origin), "model") % 2**31)]
+        cfg, resolved = self.layers.build(items)
+        return cfg, resolved, params
+
+    def predict(self, trial: optuna.trial.Trial) -> MemoryPrediction:
+        """The trial's predicted peak memory (no training)."""
+        cfg, _, _ = self.trial_stage(trial)
+        inp = ProbeInput(self.probe_input.coils, self.probe_input.height, self.probe_input.width,
+                         cfg.train.batch_size)
+        return self.predictor.predict(cfg, inp, self.budget_bytes)
+
+    def train(self, trial: optuna.trial.Trial) -> float:
+        """Train the trial's stage; returns the best epoch's metric."""
+        cfg, resolved, _ = self.trial_stage(trial)
+        trial.set_user_attr("seed", cfg.seed)
+        seed_everything(cfg.seed, cfg.deterministic)  # the trial is an entry point: global RNGs seeded once
+        reporter = _Reporter(trial, self.cfg.metric, cfg.train.start_epoch, self.cfg.direction == "maximize")
+        callbacks: list[Callback] = [ConsoleCallback()]
+        if self.tracker is not None:
+            callbacks.append(self.tracker.trial_callback(trial))
+        callbacks += [*self.extra_callbacks, reporter]
+        run_stage(cfg, resolved, CallbackList(callbacks))
+        value = reporter.best()
+        if value is None:
+            raise RuntimeError(f"trial {trial.number}: the stage reported no epoch")
+        return value
+
+    def after_trial(self, trial: optuna.trial.Trial) -> None:
+        """Delete the trial's checkpoints unless they are kept."""
+        if not self.cfg.keep_checkpoints:
+            shutil.rmtree(self.trial_dir(trial.number) / "checkpoints", ignore_errors=True)
+
+    def objective(self) -> Callable[[optuna.trial.Trial], float]:
+        """The guarded objective (prediction, OOM, divergence, errors)."""
+        return guard_objective(self.train, predict=self.predict, budget_bytes=self.budget_bytes,
+                               after_trial=self.after_trial)
+
+    def optimize(self, study: optuna.Study, n_trials: int | None, timeout: float | None) -> None:
+        """Run trials of ``study`` in this process until ``n_trials`` or ``timeout``."""
+        callbacks = [self.tracker.on_trial_done] if self.tracker is not None else []
+        # gc_after_trial is not needed: the guard collects (and empties the CUDA cache) after every trial that
+        # trained, once the trial's exception and frames are gone
+        study.optimize(self.objective(), n_trials=n_trials, timeout=timeout, catch=CATCH, callbacks=callbacks,
+                       gc_after_trial=False)
+        release_memory()
+
+
+def device_for_probe(cfg: TuneConfig, stage: StageConfig) -> str:
+    """``cuda`` to measure a step on the GPU, ``cpu`` for the meta-device estimate."""
+    if cfg.probe_device != "auto":
+        return cfg.probe_device
+    return "cuda" if select_device(stage.train.device).type == "cuda" else "cpu"
+
+
+def largest_training_input(stage: StageConfig) -> ProbeInput:
+    """The largest k-space (by coils x rows x columns) among the stage's training files."""
+    from recon.data.layout import data_fingerprint, discover_pairs
+
+    root = Path(stage.data.root)
+    splits = list(stage.data.train_splits) + ([stage.data.val_split] if stage.data.use_val_for_final else [])
+    pairs = []
+    for split in splits:
+        folder = root / split
+        if not folder.is_dir():
+            raise InputError(f"{folder}: data split folder not found (data.root={root}); the memory probe needs "
+                             "the training data, or set probe_input in the tune file")
+        pairs += discover_pairs(folder, require_image=True)
+    shapes = [tuple(f["kspace"]["keys"]["kspace"]["shape"]) for f in data_fingerprint(pairs)["files"]]
+    if not shapes:
+        raise InputError(f"{root}: no training files found for the memory probe")
+    _, coils, height, width = max(shapes, key=lambda s: s[1] * s[2] * s[3])
+    return ProbeInput(int(coils), int(height), int(width), stage.train.batch_size)
+
+
+def cap_cuda_memory(budget_bytes: int | None, stage: StageConfig) -> float | None:
+    """On CUDA, limit this process's allocator to the budget (as on an 8 GB card); returns the fraction set."""
+    import torch
+
+    if budget_bytes is None or select_device(stage.train.device).type != "cuda":
+        return None
+    device = torch.device("cuda", torch.cuda.current_device())
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, budget_bytes / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    log.info("CUDA allocator capped at %s of %s (fraction %.4f)", format_bytes(budget_bytes),
+             format_bytes(total), fraction)
+    return fraction
+
+
+# ----- a whole invocation ---------------------------------------------------------------------------------------
+@dataclass
+class TuneOptions:
+    """One ``smartify tune`` invocation (see :mod:`tracking.commands.tune`).
+
+    Attributes:
+        tune_file: the tune YAML.
+        trials: trials this process runs (None: the file's ``n_trials``; 0: none, only set up / finish).
+        timeout: stop starting trials after this many seconds.
+        storage: Optuna storage URL (None: ``sqlite:///<home>/optuna.db``).
+        study: study name (None: the file's ``study`` or its name).
+        memory_budget: overrides the file's budget (``8GiB``, ``none``).
+        overrides: ``--set key=value`` items for the base stage.
+        overlay_dir: folder of the overlay (None: ``<repo>/experiments/tuned``).
+        tracking: log to MLflow.
+        experiment: MLflow experiment.
+        finalize: make the figures, the table and the overlay at the end (workers leave it to their parent).
+        extra_callbacks: engine callbacks added to every trial.
+        output_dir: folder of the trial outputs (None: the file's ``output_dir``; ``{study}`` is expanded).
+        parent_run_id: nest the study's MLflow run under this run (e.g. a pipeline run) when it is created.
+    """
+
+    tune_file: Path
+    trials: int | None = None
+    timeout: float | None = None
+    storage: str | None = None
+    study: str | None = None
+    memory_budget: str | None = None
+    overrides: Sequence[str] = ()
+    overlay_dir: Path | None = None
+    tracking: bool = True
+    experiment: str = EXPERIMENT
+    finalize: bool = True
+    extra_callbacks: list[Callback] = field(default_factory=list)
+    output_dir: Path | None = None
+    parent_run_id: str | None = None
+
+
+@dataclass
+class Prepared:
+    """A session and its study, ready to optimize."""
+
+    session: TuneSession
+    study: optuna.Study
+    storage_url: str
+    base_path: Path
+
+
+@dataclass
+class TuneResult:
+    """What a finished invocation reports.
+
+    Attributes:
+        study: study name.
+        storage: storage URL (credentials removed).
+        rows: :func:`trial_rows` of the whole study.
+        table: the rows as text.
+        overlay: the overlay file (None when no trial completed).
+        figures: figure name -> PNG path.
+        summary: :func:`summary_metrics`.
+        excluded: search values removed before sampling (``model.reduction``).
+    """
+
+    study: str
+    storage: str
+    rows: list[dict[str, Any]]
+    table: str
+    overlay: Path | None
+    figures: dict[str, Path]
+    summary: dict[str, float]
+    excluded: dict[str, list[Any]]
+
+
+def prepare(options: TuneOptions, create_run: bool = True) -> Prepared:
+    """Load the tune file, check the space, open (create once) the study and its MLflow run.
+
+    Args:
+        options: the invocation.
+        create_run: create/reopen the study's MLflow run (False for workers started by a parent).
+
+    Returns:
+        The :class:`Prepared` study.
+
+    Raises:
+        InputError: a bad tune file, space, budget or data folder.
+    """
+    from recon.config import flatten, to_dict
+    from tracking.runs.stores import default_optuna_storage, redact_uri
+    from tracking.tune.config import load_tune_config, parse_bytes, stage_layers, study_name_of
+
+    cfg, base_path = load_tune_config(options.tune_file)
+    name = options.study or study_name_of(cfg, options.tune_file)
+    budget = parse_bytes(options.memory_budget if options.memory_budget is not None else cfg.memory_budget,
+                         "--memory-budget" if options.memory_budget is not None else "memory_budget")
+    layers = stage_layers(cfg, base_path, options.overrides)
+    space = SearchSpace(cfg.space, layers)
+    base, _ = layers.build()
+    if cfg.probe_input.given:
+        probe = ProbeInput(cfg.probe_input.coils, cfg.probe_input.height, cfg.probe_input.width,
+                           base.train.batch_size)
+    else:
+        probe = largest_training_input(base)
+    if cfg.enforce_budget:
+        cap_cuda_memory(budget, base)
+    url = options.storage or default_optuna_storage()
+    tracker: StudyTracker | None = None
+    if options.tracking:
+        from tracking.runs.stores import resolve_stores
+
+        tracker = StudyTracker(resolve_stores(), options.experiment, space)
+    storage = open_storage(url, cfg.heartbeat.interval, cfg.heartbeat.grace_period, cfg.heartbeat.max_retry,
+                           on_stale=tracker.close_stale if tracker is not None else None)
+    attrs = {"tune_file": str(options.tune_file), "base": str(base_path), "metric": cfg.metric,
+             "space": json.dumps(space.describe(), sort_keys=True), "excluded": json.dumps(space.excluded)}
+    study = open_study(storage, name, cfg, attrs)
+    if tracker is not None:
+        params = {f"tune.{k}": v for k, v in flatten(to_dict(cfg)).items()}
+        params.update({"study": name, "storage": redact_uri(url), "base": str(base_path),
+                       "memory_budget_bytes": budget, "probe_input": f"{probe.coils}x{probe.height}x{probe.width}",
+                       "set": json.dumps(list(options.overrides)), "space.excluded": json.dumps(space.excluded)})
+        tracker.open(study, params, create=create_run, parent_run_id=options.parent_run_id)
+    output_root = Path(str(options.output_dir or cfg.output_dir).replace("{study}", name))
+    session = TuneSession(cfg, name, layers, space, budget, probe, MemoryPredictor(device_for_probe(cfg, base)),
+                          output_root, tracker, list(options.extra_callbacks), base.train.start_epoch)
+    log.info("study %s in %s: budget %s, probe input %dx%dx%d, space %s", name, redact_uri(url),
+             format_bytes(budget), probe.coils, probe.height, probe.width, space.describe())
+    return Prepared(session, study, url, base_path)
+
+
+def finish(prepared: Prepared, overlay_dir: Path | None = None) -> TuneResult:
+    """Figures, trial table and overlay of the whole study; the study run ends with them.
+
+    Args:
+        prepared: the prepared study.
+        overlay_dir: folder of the overlay (None: ``<repo>/experiments/tuned``).
+
+    Returns:
+        The :class:`TuneResult`.
+    """
+    from tracking.runs.stores import redact_uri, repo_root
+
+    session, study = prepared.session, prepared.study
+    cfg, space = session.cfg, session.space
+    rows = trial_rows(study, space)
+    table = format_table(rows)
+    out = session.output_root
+    out.mkdir(parents=True, exist_ok=True)
+    figures = plot_study(study, out / "figures", cfg.importance, cfg.seed)
+    table_path = out / "trials.txt"
+    table_path.write_text(table + "\n", encoding="utf-8")
+    json_path = out / "trials.json"
+    json_path.write_text(json.dumps(rows, indent=1, default=str), encoding="utf-8")
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    overlay = None
+    tags = {"optuna.study": study.study_name}
+    if complete:
+        folder = overlay_dir or repo_root(fallback_to_cwd=True) / "experiments" / "tuned"
+        overlay = write_overlay(Path(folder) / f"{study.study_name}.yaml", session.layers, study.best_trial, space,
+                                study.study_name, cfg.metric)
+        tags.update({"optuna.best_trial": str(study.best_trial.number), "smartify.overlay": str(overlay)})
+    else:
+        log.warning("study %s: no complete trial yet; no overlay written", study.study_name)
+    summary = summary_metrics(study)
+    if session.tracker is not None:
+        _, name = importance_evaluator(cfg.importance, cfg.seed)
+        tags["smartify.importance_evaluator"] = name
+        files = [*figures.values(), table_path, json_path, *([overlay] if overlay else [])]
+        session.tracker.close(summary, tags, files)
+    return TuneResult(study.study_name, redact_uri(prepared.storage_url), rows, table, overlay, figures, summary,
+                      dict(space.excluded))
+
+
+def run_tune(options: TuneOptions) -> TuneResult | None:
+    """Prepare the study, run this process's trials, and finish (unless ``options.finalize`` is False).
+
+    Returns:
+        The :class:`TuneResult`, or None when not finalizing.
+    """
+    prepared = prepare(options, create_run=options.finalize)
+    n = prepared.session.cfg.n_trials if options.trials is None else options.trials
+    if n > 0 or options.timeout:
+        prepared.session.optimize(prepared.study, n_trials=n or None, timeout=options.timeout)
+    return finish(prepared, options.overlay_dir) if options.finalize else None
