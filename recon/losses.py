@@ -1,6 +1,6 @@
 """Training loss: 1 - SSIM on foreground-masked images ("gamyun"), sqrt-area weighted.
 
-Per slice (``spec/pipeline.md`` section 4.2)::
+Per slice (``docs/pipeline.md`` section 4.2)::
 
     gamyun = foreground_mask(target, anatomy)          the evaluator's mask (recon.metric)
     gamyun[gamyun == 0] = shade                        shade 0 by default
@@ -12,7 +12,7 @@ The SSIM is :func:`recon.metric.ssim`, the metric's own implementation, so with 
 ``w = 1`` the loss is exactly ``1 - slice score``. The batch loss is the mean over the batch of the
 per-slice losses (the team trained with batch 1, where the two agree).
 
-Augmented targets (``spec/pipeline.md`` 6.9). The team weighted an augmented slice with the area
+Augmented targets (``docs/pipeline.md`` 6.9). The team weighted an augmented slice with the area
 of the *original* target's mask while recomputing the mask itself from the augmented target. Here
 both the mask and its area come from the augmented target, and the weight is that area over the
 volume's cached (un-augmented) largest area, clipped to 1 so that an enlarged slice never weighs

@@ -3,7 +3,7 @@
 This module is the one SSIM implementation of the project: the leaderboard evaluation
 (:mod:`recon.inference.evaluation`) and the training loss (:mod:`recon.losses`) both call :func:`ssim`.
 
-Per slice the official ``leaderboard_eval.py`` does (``spec/challenge.md`` section 2)::
+Per slice the official ``leaderboard_eval.py`` does (``docs/challenge.md`` section 2)::
 
     mask  = target > thr                  thr = 5e-5 (brain) or 2e-5 (knee)
     mask  = erode(mask, 3x3, 1 iteration); dilate(…, 15 iterations); erode(…, 14 iterations)

@@ -4,7 +4,7 @@ The engine sets the optimizer's learning rate from :func:`lr_at` at the start of
 (:func:`set_lr`) and logs ``lr``, ``p_mask`` and ``p_aug`` each epoch. There are no torch scheduler
 objects, so nothing has to be serialised and a resumed run gets exactly the same values.
 
-The presets reproduce the team's runs (spec: pipeline.md 4.3, 4.4, 4.6):
+The presets reproduce the team's runs (docs/pipeline.md 4.3, 4.4, 4.6):
 
 - :data:`BASELINE_LR` -- StepLR(step 11, gamma 0.3) stepped only from epoch 5 (``step_start``), i.e.
   x0.3 at epochs 16, 27, 38, ...: 2e-4 (0-15), 6e-5 (16-26), 1.8e-5 (27-37), 5.4e-6 (38-48).

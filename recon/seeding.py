@@ -3,7 +3,7 @@
 Library code never draws from global RNGs. Randomness per training sample comes from
 :func:`sample_rng`, a generator derived from ``(base seed, stream, epoch, sample index)``, so a
 sample's mask and augmentation do not depend on the number of DataLoader workers, on the order in
-which samples are drawn or on the rank (fixes the coupled streams of pipeline.md 6.10). Seeds are
+which samples are drawn or on the rank (fixes the coupled streams of docs/pipeline.md 6.10). Seeds are
 derived with a cryptographic hash (:func:`derive_seed`), stable across processes and Python
 versions, unlike ``hash()``.
 
@@ -273,7 +273,7 @@ def seed_everything(seed: int, deterministic: bool, *, benchmark: bool = False) 
 
     With ``deterministic=True``, ops without a deterministic implementation *warn* rather than
     fail (``warn_only=True``): PromptMR+'s bilinear upsampling backward on CUDA is one, and the
-    team measured a ~1e-4 loss drift from it (STYLE.md 3.5), which the repeat-run check documents.
+    team measured a ~1e-4 loss drift from it (docs/pipeline.md 4.5), which the repeat-run check documents.
 
     Args:
         seed: the experiment seed.

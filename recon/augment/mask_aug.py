@@ -1,4 +1,4 @@
-"""k-space column-mask augmentation: the team's "Hacker" and "Helper" re-masking (pipeline.md 4.3).
+"""k-space column-mask augmentation: the team's "Hacker" and "Helper" re-masking (docs/pipeline.md 4.3).
 
 Every training slice arrives with its file's 1-D column mask ``(W,)``. The augmenter decides, per
 sample, which mask the engine applies to the fully sampled k-space:
@@ -17,9 +17,9 @@ From ``exclude_public_from_epoch`` on, the Helper never *draws* the public patte
 start comes from ``{0..acc-1} \\ {(W // 2) % acc}`` and a random mask equal to the public pattern (at
 any configured acceleration) is drawn again. (For tiny widths only, an equispaced start whose mask
 coincides with the public pattern of another acceleration is dropped as well.) The team meant to do
-this but compared ``start == W // 2``, which can never hold for ``start < acc`` (pipeline.md 6.3); the
+this but compared ``start == W // 2``, which can never hold for ``start < acc`` (docs/pipeline.md 6.3); the
 correct public start is ``(W // 2) % acc``. Kept file masks are public masks by construction
-(challenge.md 1.2) and are not affected: exclusion concerns the replacement draws only; use ``p = 1``
+(docs/challenge.md 1.2) and are not affected: exclusion concerns the replacement draws only; use ``p = 1``
 to replace every mask.
 
 Randomness comes only from the ``numpy.random.Generator`` that the caller passes per sample; the

@@ -1,4 +1,4 @@
-"""MRAugment on fully sampled multi-coil k-space, with an explicit target rule (pipeline.md 4.4, 4.7, 6.1).
+"""MRAugment on fully sampled multi-coil k-space, with an explicit target rule (docs/pipeline.md 4.4, 4.7, 6.1).
 
 For one training sample the augmenter
 
@@ -29,12 +29,12 @@ engine's schedule (the team: exponential ramp in absolute epochs, start 33, plat
   image grid are zero padding and come back as zeros.
 * ``"rss"``: ``center_crop(rss(ifft2c(new kspace)), h, w)`` of the centre slice, for every sample,
   even when nothing fires and even when ``p = 0``: that is the rule's point (the team's code switched
-  silently to it once ``p > 0``, pipeline.md 6.1). The crop size is the given target's or
+  silently to it once ``p > 0``, docs/pipeline.md 6.1). The crop size is the given target's or
   ``target_size``.
 
 When nothing fires, the k-space is returned untouched (the same tensor object, not a copy).
 
-Differences from upstream MRAugment (facts from pipeline.md 4.7, behaviour re-designed here):
+Differences from upstream MRAugment (facts from docs/pipeline.md 4.7, behaviour re-designed here):
 translation x is along columns (W) and y along rows (H), each as a fraction of its own axis; the
 affine map samples with reflection instead of padding to a bounding box, affine and cropping back;
 every call draws the same number of random variates (a fixed order), so a seed fully defines a sample;
@@ -119,7 +119,7 @@ class AnatomyAugConfig:
         return float(getattr(self, f"{transform}_weight"))
 
 
-# The team's settings (pipeline.md 4.4 table); upsampling is off in both.
+# The team's settings (docs/pipeline.md 4.4 table); upsampling is off in both.
 BRAIN = AnatomyAugConfig(
     translation_weight=1.0, max_translation_x=0.03, max_translation_y=0.05,
     rotation_weight=1.0, max_rotation=5.0,

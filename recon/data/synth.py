@@ -1,6 +1,6 @@
 """The synthetic SNU data set: brain-like and knee-like multi-coil volumes in the challenge's file format.
 
-Per volume (``spec/data.md`` section 3): an analytic phantom (:mod:`recon.data.phantoms`) is
+Per volume (``docs/data.md`` section 3): an analytic phantom (:mod:`recon.data.phantoms`) is
 evaluated on a slab of adjacent slices, multiplied by a smooth phase and loop-coil sensitivities,
 scaled so that the label maximum is about ``1e-4 .. 6e-4`` (fastMRI's intensity scale, which keeps
 the evaluator's 5e-5 / 2e-5 foreground thresholds meaningful), transformed with the centred

@@ -1,4 +1,4 @@
-"""The brain/knee classifier stage (pipeline.md 4.6), with the team's bugs fixed.
+"""The brain/knee classifier stage (docs/pipeline.md 4.6), with the team's bugs fixed.
 
 Fixed on purpose: slices are standardised (the team fed raw ~1e-4 values); the best epoch starts
 from "nothing seen" rather than a loss of 1.0 (the team's first epoch, at loss 4.37, could never be

@@ -139,7 +139,7 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ClassifierTrainConfig:
-    """The classifier stage (pipeline.md 4.6).
+    """The classifier stage (docs/pipeline.md 4.6).
 
     Attributes:
         train_split: split trained on (the team trained on ``val``).

@@ -1,6 +1,6 @@
 """Leaderboard evaluation of a reconstruction folder, baselines, and per-slice validation scores.
 
-Layouts (``spec/challenge.md`` sections 1.1, 2 and 3)::
+Layouts (``docs/challenge.md`` sections 1.1, 2 and 3)::
 
     LEADERBOARD/{acc4,acc8}/image/<name>.h5     image_label (S, H, W), image_input, image_grappa, attrs['max']
     RECON/{acc4,acc8}/<name>.h5                 reconstruction (S, H, W) float32

@@ -1,6 +1,6 @@
 """Reconstruct a leaderboard folder with the Hacker/Helper systems, within the challenge's time budget.
 
-Input layout (``spec/challenge.md`` section 1.1)::
+Input layout (``docs/challenge.md`` section 1.1)::
 
     DATA/{acc4,acc8}/kspace/<name>.h5     kspace (S, C, H, W) complex, mask (W,)
     DATA/{acc4,acc8}/image/<name>.h5      image_grappa (for the classifier), image_label (crop size)

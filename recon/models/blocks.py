@@ -1,4 +1,4 @@
-"""Building blocks of the PromptMR+ U-Net (spec/promptmr.md section 1.6), on real ``(B, C, H, W)`` tensors.
+"""Building blocks of the PromptMR+ U-Net (docs/promptmr.md section 1.6), on real ``(B, C, H, W)`` tensors.
 
 The parameter layout follows upstream exactly (so parameter counts match), but the arithmetic is rearranged where
 that is exact and saves work:
@@ -11,7 +11,7 @@ that is exact and saves work:
 * the first cascade's momentum layer sees its input tiled ``n_history + 1`` times; the 1x1 convolution of a tiled
   tensor equals the convolution of the tensor with the group-summed weight, so no tiled copy is built.
 
-History features are passed as tuples and never modified in place (pitfall P1).
+History features are passed as tuples and never modified in place (docs/promptmr.md P1).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 A *region* is a function of tensors (the sensitivity network, one cascade, one coil of the sensitivity U-Net)
 whose activations may be dropped after the forward and recomputed in the backward. Checkpointing is the
 non-reentrant kind (``use_reentrant=False``), which gives bit-identical gradients as long as a region is a pure
-function of its arguments: the model never mutates a tensor or a container it received (pitfall P1).
+function of its arguments: the model never mutates a tensor or a container it received (docs/promptmr.md P1).
 
 The memory probe (:mod:`recon.engine.memory`) installs a :class:`RegionObserver` with :func:`observe_regions`; while one
 is installed regions run without checkpointing and report where they begin and end, so the probe can attribute

@@ -1,9 +1,9 @@
-"""Typed, validated configuration of the PromptMR+ network (spec/promptmr.md section 1.8).
+"""Typed, validated configuration of the PromptMR+ network (docs/promptmr.md section 1.8).
 
 Every hyper-parameter of the network is a field of the frozen dataclass :class:`PromptMRConfig`; lists are tuples
 so that a configuration is hashable and cannot change after construction. Two presets exist:
 
-* ``"smartify"``: the team's reduced model (spec/pipeline.md section 4.1): 8 cascades, widths 8/[24,32,40]/[8,16,24],
+* ``"smartify"``: the team's reduced model (docs/pipeline.md section 4.1): 8 cascades, widths 8/[24,32,40]/[8,16,24],
   sensitivity widths 8/[12,16,20]/[4,8,12], 3 prompts of size [16,8,4], CA reduction 2, n_history 3, one slice
   (no adjacent slices), checkpointing and per-coil sensitivities on (sized for an 8 GB GPU).
 * ``"promptmr-plus"``: the upstream defaults (``configs/model/pmr-plus.yaml``): 12 cascades, 5 adjacent slices,
@@ -62,7 +62,7 @@ class PromptMRConfig:
         n_history: decoder features of earlier cascades fed to the momentum layers (0 = off).
         use_sens_adj: the sensitivity U-Net sees a coil's adjacent slices as channels.
         shared_prelu: one PReLU slope shared by all blocks of the model, except the first block of each encoder,
-            as upstream (pitfall P3, but per model instance); ``False`` gives every block its own slope.
+            as upstream (docs/promptmr.md P3, but per model instance); ``False`` gives every block its own slope.
         mask_center: estimate maps from the ACS columns only (upstream ``mask_center``).
         use_checkpoint: exact (non-reentrant) activation checkpointing of each cascade.
         sens_use_checkpoint: the same for the sensitivity network.
@@ -157,12 +157,12 @@ class PromptMRConfig:
         need(self.n_history == 0 or self.n_history < self.num_cascades, "n_history",
              f"0 or less than num_cascades={self.num_cascades}")
         if self.adaptive_input:
-            # The buffer is [AᴴAx, latent, x0] plus (n_buffer - 3) copies of AᴴAx - x0 (pitfall P12).
+            # The buffer is [AᴴAx, latent, x0] plus (n_buffer - 3) copies of AᴴAx - x0 (docs/promptmr.md P12).
             need(self.n_buffer >= 3, "n_buffer", ">= 3 when adaptive_input is true")
         else:
             need(self.n_buffer == 0, "n_buffer", "0 when adaptive_input is false (pitfall P12)")
         need(self.seed >= 0, "seed", ">= 0")
-        # Values that would give zero-channel attention layers (pitfall P2) are refused.
+        # Values that would give zero-channel attention layers (docs/promptmr.md P2) are refused.
         if self.use_ca:
             narrowest = min(self.n_feat0, *self.feature_dim)
             need(self.reduction <= narrowest, "reduction",
@@ -252,9 +252,9 @@ def _is_int(value: Any) -> bool:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # spec/pipeline.md 4.1: the team's model, sized so that "+1 to any width -> OOM" on an 8 GB GPU.
+    # docs/pipeline.md 4.1: the team's model, sized so that "+1 to any width -> OOM" on an 8 GB GPU.
     "smartify": {},
-    # spec/promptmr.md 1.8, configs/model/pmr-plus.yaml; CA reduction 4 is upstream's hard-coded default.
+    # docs/promptmr.md 1.8 (upstream configs/model/pmr-plus.yaml); CA reduction 4 is upstream's hard-coded default.
     "promptmr-plus": {
         "num_cascades": 12, "num_adj_slices": 5, "n_feat0": 48, "feature_dim": (72, 96, 120),
         "prompt_dim": (24, 48, 72), "sens_n_feat0": 24, "sens_feature_dim": (36, 48, 60),

@@ -9,7 +9,7 @@ The undersampling masks are column masks (the W axis), so the normal operator ne
 
 because (i) the H transforms cancel when M does not depend on the row, and (ii) the remaining 1-D operator is a
 circular convolution, which commutes with the centring shifts. This is exact, halves the FFT work of each
-cascade and removes all shift copies (spec/promptmr.md 1.4 computes two full centred 2-D FFTs per cascade).
+cascade and removes all shift copies (docs/promptmr.md 1.4 computes two full centred 2-D FFTs per cascade).
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def acs_coil_images(kspace: torch.Tensor, acs_columns: torch.Tensor) -> torch.Te
 def normalise_maps(sens: torch.Tensor, coil_dim: int = 2) -> torch.Tensor:
     """Divide maps by their root-sum-of-squares over coils so that ``Σ_c |S_c|² = 1`` at every pixel.
 
-    Upstream divides without an epsilon (an all-zero pixel gives NaN, pitfall P6); here the divisor is clamped to
+    Upstream divides with no epsilon (an all-zero pixel gives NaN, docs/promptmr.md P6); here the divisor is clamped to
     the dtype's smallest normal number, which changes nothing elsewhere and maps an all-zero pixel to zero maps.
 
     Args:

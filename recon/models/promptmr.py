@@ -1,4 +1,4 @@
-"""PromptMR+ (Xin et al., ECCV 2024), image-domain unrolled version ("v2"), spec/promptmr.md section 1.
+"""PromptMR+ (Xin et al., ECCV 2024), image-domain unrolled version ("v2"), docs/promptmr.md section 1.
 
 Tensor convention at the boundary (checked, ``ValueError`` otherwise):
 
@@ -17,11 +17,12 @@ Per cascade (each with its own weights and learned step ``dc_weight``)::
     m, latent, history = U-Net([x, buffer], history)  (output blocks 0 and 2; 1, 3, 4 are never computed)
     x      = x - dc_weight * (ffx - x0) - m
 
-Deliberate differences from upstream (same function, less work or fixed pitfalls): history is an immutable tuple
-(P1); the PReLU slope is shared within one model only (P3); ``reduction`` is a setting (P2); ``AᴴA`` uses 1-D
-FFTs along W only (see :mod:`recon.models.ops`); the output image is ``|x_c|``, equal to upstream's
-``RSS_c |x_c S_c|`` because the maps have unit RSS; clamped divisors instead of NaN on all-zero input (P6);
-the sensitivity U-Net in per-coil mode checkpoints each coil separately; ACS detection is per sample.
+Deliberate differences from upstream (same function, less work or fixed pitfalls; P1-P14 are the pitfalls of
+docs/promptmr.md section 4): history is an immutable tuple (P1); the PReLU slope is shared within one model only
+(P3); ``reduction`` is a setting (P2); ``AᴴA`` uses 1-D FFTs along W only (see :mod:`recon.models.ops`); the output
+image is ``|x_c|``, equal to upstream's ``RSS_c |x_c S_c|`` because the maps have unit RSS; clamped divisors
+instead of NaN on all-zero input (P6); the sensitivity U-Net in per-coil mode checkpoints each coil separately;
+ACS detection is per sample.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class Cascade(nn.Module):
             learnable_prompt=cfg.learnable_prompt, n_history=cfg.n_history)
         self.dc_weight = nn.Parameter(torch.ones(1))
         self._model_term = list(range(a))
-        self._with_latent = list(range(a)) + list(range(2 * a, 3 * a))  # blocks 0 and 2 (pitfall P4)
+        self._with_latent = list(range(a)) + list(range(2 * a, 3 * a))  # blocks 0 and 2 (docs/promptmr.md P4)
 
     def forward(self, x: torch.Tensor, latent: torch.Tensor, x0: torch.Tensor, sens: torch.Tensor,
                 multiplier: torch.Tensor, history: History | None,

@@ -1,4 +1,4 @@
-"""Coil-sensitivity estimation of PromptMR+ (spec/promptmr.md 1.3).
+"""Coil-sensitivity estimation of PromptMR+ (docs/promptmr.md 1.3).
 
 ACS columns -> low-resolution coil images -> prompt U-Net per coil (its adjacent slices as channels with
 ``use_sens_adj``, else every slice of every coil alone) -> division by the root-sum-of-squares over coils.

@@ -1,4 +1,4 @@
-"""The 3-level prompt U-Net and its complex, normalising, padding wrapper (spec/promptmr.md 1.5 and 1.6).
+"""The 3-level prompt U-Net and its complex, normalising, padding wrapper (docs/promptmr.md 1.5 and 1.6).
 
 Complex convention: the wrapper takes native complex tensors ``(B, K, H, W)`` and maps them to ``2K`` real
 channels as ``[real parts of all K channels, imaginary parts of all K channels]`` (upstream's
@@ -130,7 +130,7 @@ class NormPromptUnet(nn.Module):
         if x.shape[1] != 2 * self.in_complex:
             raise ValueError(f"NormPromptUnet: expected {self.in_complex} complex channels, got {x.shape[1] // 2}")
         # One mean and one (unbiased) std per sample over all channels and pixels, as upstream. The clamp only
-        # matters for a constant input (upstream gives NaN there, pitfall P6).
+        # matters for a constant input (upstream gives NaN there, docs/promptmr.md P6).
         flat = x.reshape(b, -1)
         mean = flat.mean(dim=1).view(b, 1, 1, 1)
         std = flat.std(dim=1).view(b, 1, 1, 1).clamp_min(torch.finfo(x.dtype).tiny)

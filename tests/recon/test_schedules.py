@@ -1,4 +1,4 @@
-"""Schedules against the per-epoch values of pipeline.md 4.3-4.6 and against torch's own schedulers."""
+"""Schedules against the per-epoch values of docs/pipeline.md 4.3-4.6 and against torch's own schedulers."""
 
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def test_lr_before_stage_start_is_refused() -> None:
 
 
 def test_clutch_constant_is_constant() -> None:
-    # pipeline.md 4.4: the team built the clutch as SequentialLR with a zero-length warm-up and
+    # docs/pipeline.md 4.4: the team built the clutch as SequentialLR with a zero-length warm-up and
     # trained at 0.1 x 2e-5 = 2e-6; an explicit constant schedule is exactly 2e-5.
     assert [lr_at(CLUTCH_LR, e) for e in range(30, 35)] == [2e-5] * 5
 

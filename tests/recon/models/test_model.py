@@ -1,5 +1,5 @@
 """Tests of the PromptMR+ network: configuration, parameter counts, shapes, exactness of the fast paths against a
-literal re-statement of spec/promptmr.md section 1, and exact gradients under activation checkpointing."""
+literal re-statement of docs/promptmr.md section 1, and exact gradients under activation checkpointing."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_config_round_trip_and_presets() -> None:
     ({"reduction": 9}, "reduction"),           # zero-channel attention at width 8
     ({"num_adj_slices": 4}, "num_adj_slices"),
     ({"n_history": 8}, "n_history"),           # >= num_cascades
-    ({"adaptive_input": False}, "n_buffer"),   # n_buffer 4 without the adaptive input (pitfall P12)
+    ({"adaptive_input": False}, "n_buffer"),   # n_buffer 4 without the adaptive input (docs/promptmr.md P12)
     ({"n_buffer": 2}, "n_buffer"),
     ({"feature_dim": (24, 32)}, "feature_dim"),
     ({"use_checkpoint": 1}, "use_checkpoint"),
@@ -75,7 +75,7 @@ def test_config_unknown_preset_and_non_mapping() -> None:
         PromptMRConfig.from_dict([("num_cascades", 2)])  # type: ignore[arg-type]
 
 
-# ----- parameter counts (spec/promptmr.md section 2) ----------------------------------------------------------
+# ----- parameter counts (docs/promptmr.md section 2) ----------------------------------------------------------
 def _meta_model(cfg: PromptMRConfig) -> PromptMR:
     with torch.device("meta"):
         return PromptMR(cfg)
@@ -273,7 +273,7 @@ def _lit_norm_unet(nu: torch.nn.Module, z: torch.Tensor, hist: list | None) -> t
 
 
 def _literal_forward(model: PromptMR, k: torch.Tensor, mask: torch.Tensor, nlf: int) -> torch.Tensor:
-    """spec/promptmr.md 1.3-1.4 stated literally: 2-D centred FFTs, tiled history, every output block."""
+    """docs/promptmr.md 1.3-1.4 stated literally: 2-D centred FFTs, tiled history, every output block."""
     b, a, c, h, w = k.shape
     pad = (w - nlf + 1) // 2
     acs = torch.zeros_like(k)
@@ -305,7 +305,7 @@ def test_matches_literal_statement_of_the_spec(h: int, w: int) -> None:
     assert torch.allclose(fast, literal, rtol=1e-10, atol=1e-12 * float(literal.abs().max()))
 
 
-# ----- exact activation checkpointing (pitfall P1) ------------------------------------------------------------
+# ----- exact activation checkpointing (docs/promptmr.md P1) -----------------------------------------------------------
 def _gradients(cfg: PromptMRConfig, k: torch.Tensor, mask: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
     model = PromptMR(cfg).double()
     out = model(k, mask, -1)
