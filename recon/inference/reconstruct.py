@@ -204,10 +204,6 @@ class _Indexed(torch.utils.data.Dataset):
             return file_idx, str(exc)
 
 
-def _first(items: list[Any]) -> Any:
-    return items[0]
-
-
 def _discover(data_dir: Path, need_images: bool) -> list[tuple[str, FilePair]]:
     if not data_dir.is_dir():
         raise InputError(f"{data_dir}: data folder not found (expected {{acc4,acc8}}/kspace/*.h5)")
