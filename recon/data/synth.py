@@ -39,7 +39,7 @@ from recon.data.names import ANATOMIES
 from recon.data.phantoms import CoilModel, Grid, SmoothPhase, make_phantom
 from recon.errors import InputError
 from recon.fft import center_crop, fft2c_np, ifft2c_np, rss
-from recon.io import atomic_path, write_text_atomic
+from recon.io import atomic_path, list_h5, write_text_atomic
 from recon.masks import public_mask
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ def clear_layout(root: str | Path) -> int:
     removed = 0
     for folder in folders:
         for sub in (KSPACE_DIR, IMAGE_DIR):
-            for path in (root / folder / sub).glob("*.h5"):
+            for path in list_h5(root / folder / sub):
                 path.unlink()
                 removed += 1
     (root / MANIFEST).unlink(missing_ok=True)
