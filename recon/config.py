@@ -38,7 +38,6 @@ import difflib
 import json
 import os
 import re
-import tempfile
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -48,6 +47,7 @@ from typing import Any, Literal, TypeVar, Union
 import yaml
 
 from recon.errors import InputError
+from recon.io import write_text_atomic
 
 __all__ = [
     "INHERIT_KEY",
@@ -497,33 +497,8 @@ def flatten(data: Mapping[str, Any], sep: str = ".") -> dict[str, Any]:
     return out
 
 
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write text atomically: a temp file in the same folder, fsync, then ``os.replace``.
-
-    Args:
-        path: destination file; its folder is created if needed.
-        text: the content.
-
-    Returns:
-        The destination path.
-    """
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dest
-
-
 def dump_yaml(data: Mapping[str, Any], path: str | os.PathLike[str], header: str = "") -> Path:
-    """Write plain data as YAML atomically (see :func:`write_text_atomic`).
+    """Write plain data as YAML atomically (see :func:`recon.io.write_text_atomic`).
 
     Args:
         data: nested plain data (tuples and paths are converted).

@@ -16,7 +16,6 @@ from __future__ import annotations
 import numpy as np
 
 PUBLIC_CENTER_FRACTION = 0.08
-SUPPORTED_ACCELERATIONS = (4, 8)
 # The team's rule: acc4 masks sample about 31 % of columns, acc8 about 19 %.
 ACC_RATIO_THRESHOLD = 0.24
 

@@ -26,8 +26,9 @@ import h5py
 import numpy as np
 import torch
 
-from recon.data.layout import FilePair, open_h5, validate_pair
+from recon.data.layout import FilePair, validate_pair
 from recon.errors import InputError
+from recon.io import open_h5
 
 ANATOMY_LABELS = {"brain": 0, "knee": 1}
 

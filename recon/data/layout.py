@@ -24,6 +24,7 @@ import numpy as np
 
 from recon.data.names import FileInfo, parse_name, sort_key
 from recon.errors import InputError
+from recon.io import list_h5, open_h5
 from recon.masks import infer_acc
 
 KSPACE_DIR = "kspace"
@@ -55,21 +56,6 @@ class FilePair:
     def name(self) -> str:
         """The shared file name, e.g. ``brain_acc4_1.h5``."""
         return self.info.name
-
-
-def open_h5(path: Path) -> h5py.File:
-    """Open an HDF5 file read-only, turning failures into a one-line :class:`InputError`."""
-    try:
-        return h5py.File(path, "r")
-    except FileNotFoundError:
-        raise InputError(f"{path}: file not found") from None
-    except OSError as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise InputError(f"{path}: not a readable HDF5 file ({reason})") from None
-
-
-def _list_h5(folder: Path) -> dict[str, Path]:
-    return {p.name: p for p in folder.glob("*.h5") if p.is_file()}
 
 
 def _parse(path: Path) -> FileInfo:
@@ -111,8 +97,8 @@ def discover_pairs(folder: str | Path, require_image: bool = True) -> list[FileP
     kdir, idir = folder / KSPACE_DIR, folder / IMAGE_DIR
     if not kdir.is_dir():
         raise InputError(f"{folder}: no '{KSPACE_DIR}/' folder (expected {KSPACE_DIR}/ and {IMAGE_DIR}/)")
-    kfiles = _list_h5(kdir)
-    ifiles = _list_h5(idir) if idir.is_dir() else {}
+    kfiles = {p.name: p for p in list_h5(kdir)}
+    ifiles = {p.name: p for p in list_h5(idir)} if idir.is_dir() else {}
     if not kfiles:
         raise InputError(f"{kdir}: empty folder (no .h5 files)")
     if require_image and not idir.is_dir():
@@ -131,18 +117,48 @@ def discover_pairs(folder: str | Path, require_image: bool = True) -> list[FileP
     return pairs
 
 
-def discover_leaderboard(root: str | Path, require_image: bool = True) -> dict[str, list[FilePair]]:
+def discover_split(root: str | Path, split: str, hint: str = "") -> list[FilePair]:
+    """The volumes of one training split folder ``root/split`` (image files required).
+
+    Args:
+        root: the data set root (``data.root``).
+        split: the split folder's name, e.g. ``train`` or ``val``.
+        hint: what to do about a missing folder, appended to its message after ``;``.
+
+    Returns:
+        The pairs, as :func:`discover_pairs` gives them.
+
+    Raises:
+        InputError: the folder is missing, or any problem :func:`discover_pairs` finds.
+    """
+    folder = Path(root) / split
+    if not folder.is_dir():
+        more = f"; {hint}" if hint else ""
+        raise InputError(f"{folder}: data split folder not found (data.root={root}, split {split!r}){more}")
+    return discover_pairs(folder, require_image=True)
+
+
+def discover_leaderboard(root: str | Path, require_image: bool | None = True) -> dict[str, list[FilePair]]:
     """The leaderboard folders ``root/acc4`` and ``root/acc8`` (those present, at least one).
 
     Args:
         root: the ``leaderboard`` folder.
-        require_image: passed to :func:`discover_pairs`.
+        require_image: passed to :func:`discover_pairs`; None requires image files only in the
+            ``accN`` folders that have an ``image/`` folder (inference on k-space alone).
 
     Returns:
         ``{"acc4": [...], "acc8": [...]}`` in that order.
+
+    Raises:
+        InputError: no ``accN`` folder, or any problem :func:`discover_pairs` finds.
     """
     root = Path(root)
-    found = {acc: discover_pairs(root / acc, require_image) for acc in LEADERBOARD_ACCS if (root / acc).is_dir()}
+    found = {}
+    for acc in LEADERBOARD_ACCS:
+        folder = root / acc
+        if folder.is_dir():
+            need = (folder / IMAGE_DIR).is_dir() if require_image is None else require_image
+            found[acc] = discover_pairs(folder, need)
     if not found:
         raise InputError(f"{root}: no leaderboard folders (expected {' and '.join(LEADERBOARD_ACCS)})")
     return found

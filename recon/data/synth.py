@@ -22,8 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import secrets
 import time
 import zlib
 from dataclasses import dataclass
@@ -41,6 +39,7 @@ from recon.data.names import ANATOMIES
 from recon.data.phantoms import CoilModel, Grid, SmoothPhase, make_phantom
 from recon.errors import InputError
 from recon.fft import center_crop, fft2c_np, ifft2c_np, rss
+from recon.io import atomic_path, list_h5, write_text_atomic
 from recon.masks import public_mask
 
 log = logging.getLogger(__name__)
@@ -254,14 +253,9 @@ class VolumeModel:
             yield SynthSlice(kspace, label, zero_filled, image_grappa)
 
 
-def _temp_h5(folder: Path, name: str) -> Path:
-    """A fresh temp name next to the final file (h5py creates it, so the umask applies)."""
-    return folder / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-
-
 def write_volume(root: Path, job: VolumeJob, preset: SynthPreset, seed: int, grappa: str,
                  on_slice: Callable[[], object] | None = None) -> int:
-    """Write one k-space/image file pair atomically (temp files, then ``os.replace``).
+    """Write one k-space/image file pair atomically (see :func:`recon.io.atomic_path`).
 
     Args:
         root: data set root.
@@ -276,12 +270,10 @@ def write_volume(root: Path, job: VolumeJob, preset: SynthPreset, seed: int, gra
     """
     model = VolumeModel(volume_rng(seed, job.key), job.anatomy, job.acc, preset)
     kdir, idir = root / job.folder / KSPACE_DIR, root / job.folder / IMAGE_DIR
-    kdir.mkdir(parents=True, exist_ok=True)
-    idir.mkdir(parents=True, exist_ok=True)
-    ktmp, itmp = _temp_h5(kdir, job.name), _temp_h5(idir, job.name)
     c, h, w = preset.shape(job.anatomy)
     s, crop = model.n_slices, preset.crop
-    try:
+    # the inner context ends first: the k-space file is put in place before its image file
+    with atomic_path(idir / job.name) as itmp, atomic_path(kdir / job.name) as ktmp:
         with h5py.File(ktmp, "w-") as kf, h5py.File(itmp, "w-") as imf:
             kspace = kf.create_dataset("kspace", shape=(s, c, h, w), dtype=np.complex64)
             kf.create_dataset("mask", data=model.mask.astype(np.float32))
@@ -298,11 +290,6 @@ def write_volume(root: Path, job: VolumeJob, preset: SynthPreset, seed: int, gra
                 if on_slice is not None:
                     on_slice()
             imf.attrs["max"] = float(label_max)
-        os.replace(ktmp, kdir / job.name)
-        os.replace(itmp, idir / job.name)
-    finally:
-        for tmp in (ktmp, itmp):
-            tmp.unlink(missing_ok=True)
     return s
 
 
@@ -313,7 +300,7 @@ def clear_layout(root: str | Path) -> int:
     removed = 0
     for folder in folders:
         for sub in (KSPACE_DIR, IMAGE_DIR):
-            for path in (root / folder / sub).glob("*.h5"):
+            for path in list_h5(root / folder / sub):
                 path.unlink()
                 removed += 1
     (root / MANIFEST).unlink(missing_ok=True)
@@ -367,10 +354,7 @@ def write_dataset(
         "seconds": round(time.perf_counter() - start, 3), "splits": splits,
         "options": {k: v for k, v in dataclasses.asdict(spec).items() if k != "name"},
     }
-    manifest = root / MANIFEST
-    tmp = manifest.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, manifest)
+    write_text_atomic(root / MANIFEST, json.dumps(summary, indent=2) + "\n")
     log.debug("synth %s: %d volumes, %d slices, %.1f MB in %.1f s",
               spec.name, len(jobs), n_slices, n_bytes / 1e6, summary["seconds"])
     return summary

@@ -21,8 +21,6 @@ configuration raises :class:`recon.errors.InputError` naming the file and the pr
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +29,14 @@ from torch import nn
 
 from recon import __version__
 from recon.errors import InputError
+from recon.io import atomic_path
 
 FORMAT = "smartify.checkpoint/1"
 KINDS = ("baseline", "moe", "classifier")
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write a checkpoint atomically (temp file in the same folder, then rename).
+    """Write a checkpoint atomically (see :func:`recon.io.atomic_path`).
 
     Args:
         path: destination file.
@@ -48,18 +47,11 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
         The destination path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(payload)
     payload["format"] = FORMAT
     payload.setdefault("versions", {"torch": str(torch.__version__), "smartify": __version__})  # TorchVersion is not weights_only-safe
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 

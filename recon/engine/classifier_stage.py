@@ -24,7 +24,7 @@ from recon.engine.checkpoint import load_checkpoint, load_state_strict
 from recon.models.classifier import SliceClassifier
 from recon.config import dump_yaml
 from recon.data.dataset import ImageSliceDataset
-from recon.data.layout import data_fingerprint, discover_pairs
+from recon.data.layout import data_fingerprint, discover_split
 from recon.engine.runtime import peak_memory_mb, reset_peak_memory, select_device, write_checkpoint
 from recon.engine.stage import StageConfig
 from recon.errors import InputError
@@ -36,10 +36,7 @@ log = logging.getLogger(__name__)
 
 
 def _dataset(cfg: StageConfig, split: str) -> tuple[ImageSliceDataset, list]:
-    folder = Path(cfg.data.root) / split
-    if not folder.is_dir():
-        raise InputError(f"{folder}: data split folder not found (data.root={cfg.data.root}, split {split!r})")
-    pairs = discover_pairs(folder, require_image=True)
+    pairs = discover_split(cfg.data.root, split)
     return ImageSliceDataset(pairs, key=cfg.classifier.image_key), pairs
 
 

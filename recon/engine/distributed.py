@@ -87,10 +87,6 @@ class DistContext:
         padded = order + order[:pad]
         return padded[self.rank::self.world_size]
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The module used for training (gradients are synchronised by :meth:`sync_gradients`)."""
-        return model
-
     def broadcast_parameters(self, model: nn.Module) -> None:
         """Copy rank 0's parameters and buffers to every rank (what DDP does at construction).
 

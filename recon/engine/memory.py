@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,12 +281,3 @@ def _measure_cuda(cfg: PromptMRConfig, coils: int, height: int, width: int, devi
         del model, optimiser, kspace
         torch.cuda.empty_cache()
     return MemoryEstimate(int(peak), int(saved), params, grads, 2 * grads, 0, 0, True, str(device), oom)
-
-
-def format_bytes(n: float) -> str:
-    """Human-readable size (binary units)."""
-    if n <= 0 or not math.isfinite(n):
-        return f"{n} B"
-    units = ("B", "KiB", "MiB", "GiB", "TiB")
-    i = min(int(math.log(n, 1024)), len(units) - 1)
-    return f"{n / 1024 ** i:.1f} {units[i]}"

@@ -248,8 +248,3 @@ def load_stage_config(
     raw = _expand_model_preset(raw, source)
     cfg = from_dict(StageConfig, raw, sources=sources)
     return cfg, to_dict(cfg)
-
-
-def stage_from_resolved(resolved: dict[str, Any]) -> StageConfig:
-    """Rebuild a :class:`StageConfig` from the resolved dict stored in a checkpoint."""
-    return from_dict(StageConfig, copy.deepcopy(resolved))

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from recon.engine.checkpoint import build_model, load_checkpoint, load_state_strict
 from recon.config import dump_yaml
 from recon.data.dataset import SliceDataset
-from recon.data.layout import FilePair, data_fingerprint, discover_pairs, open_h5
+from recon.data.layout import FilePair, data_fingerprint, discover_split, open_h5
 from recon.engine import distributed as dist
 from recon.engine.runtime import peak_memory_mb, reset_peak_memory, select_device, write_checkpoint
 from recon.engine.stage import StageConfig
@@ -67,17 +67,10 @@ class _Data:
     fingerprint: dict[str, Any]
 
 
-def _pairs(root: Path, split: str) -> list[FilePair]:
-    folder = root / split
-    if not folder.is_dir():
-        raise InputError(f"{folder}: data split folder not found (data.root={root}, split {split!r})")
-    return discover_pairs(folder, require_image=True)
-
-
 def _load_data(cfg: StageConfig) -> _Data:
     root = Path(cfg.data.root)
-    train_pairs = [p for split in cfg.data.train_splits for p in _pairs(root, split)]
-    val_pairs = _pairs(root, cfg.data.val_split)
+    train_pairs = [p for split in cfg.data.train_splits for p in discover_split(root, split)]
+    val_pairs = discover_split(root, cfg.data.val_split)
     if cfg.data.use_val_for_final:
         # one shuffled pool of train + val (the team ran val as a second sequential pass)
         train_pairs = train_pairs + val_pairs

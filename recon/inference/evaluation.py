@@ -30,6 +30,7 @@ import torch
 
 from recon.data.names import parse_name, sort_key
 from recon.errors import InputError
+from recon.io import list_h5, open_h5
 from recon.metric import foreground_mask, ssim
 
 logger = logging.getLogger(__name__)
@@ -157,15 +158,8 @@ class _LeaderboardFile:
     shape: tuple[int, ...]
 
 
-def _list_h5(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.suffix == ".h5" and p.is_file())
-
-
-def _open(path: Path) -> h5py.File:
-    try:
-        return h5py.File(path, "r")
-    except OSError as exc:
-        raise InputError(f"{path}: not a readable HDF5 file ({exc})") from None
+def _h5_names(folder: Path) -> list[str]:
+    return [p.name for p in list_h5(folder)]
 
 
 def _leaderboard_files(leaderboard_dir: str | Path, expected_count: int | None) -> dict[str, list[_LeaderboardFile]]:
@@ -179,7 +173,7 @@ def _leaderboard_files(leaderboard_dir: str | Path, expected_count: int | None) 
         folder = root / acc / "image"
         if not folder.is_dir():
             raise InputError(f"{folder}: folder not found; expected leaderboard images in {{acc4,acc8}}/image")
-        names = _list_h5(folder)
+        names = _h5_names(folder)
         if not names:
             raise InputError(f"{folder}: no .h5 files")
         if expected_count is not None and len(names) != expected_count:
@@ -191,7 +185,7 @@ def _leaderboard_files(leaderboard_dir: str | Path, expected_count: int | None) 
             except ValueError as exc:
                 raise InputError(str(exc)) from None
             path = folder / name
-            with _open(path) as f:
+            with open_h5(path) as f:
                 if TARGET_KEY not in f:
                     raise InputError(f"{path}: dataset {TARGET_KEY!r} not found; keys are {', '.join(f.keys())}")
                 shape = tuple(f[TARGET_KEY].shape)
@@ -221,11 +215,11 @@ def labels_available(leaderboard_dir: str | Path) -> bool:
     root = Path(leaderboard_dir)
     for acc in ACCS:
         folder = root / acc / "image"
-        files = _list_h5(folder) if folder.is_dir() else []
+        files = _h5_names(folder) if folder.is_dir() else []
         if not files:
             return False
         for name in files:
-            with _open(root / acc / "image" / name) as f:
+            with open_h5(root / acc / "image" / name) as f:
                 if "image_label" not in f:
                     return False
     return True
@@ -270,7 +264,7 @@ def _checked_plan(
         folder = root / acc
         if not folder.is_dir():
             raise InputError(f"{folder}: folder not found; expected one reconstruction per leaderboard file")
-        have = set(_list_h5(folder))
+        have = set(_h5_names(folder))
         want = [e.name for e in plan[acc]]
         missing = [n for n in want if n not in have]
         if missing:
@@ -281,7 +275,7 @@ def _checked_plan(
             raise InputError(f"{folder / extra[0]}: no leaderboard file of that name in {acc}/image")
         for entry in plan[acc]:
             path = folder / entry.name
-            with _open(path) as f:
+            with open_h5(path) as f:
                 if key not in f:
                     raise InputError(f"{path}: dataset {key!r} not found; keys are {', '.join(f.keys()) or 'none'}")
                 dset = f[key]
@@ -307,7 +301,7 @@ def _score(plan: dict[str, list[_LeaderboardFile]], read: Reader, device: str | 
     for acc in ACCS:
         acc_n = int(acc[3:])
         for entry in plan[acc]:
-            with _open(entry.path) as f:
+            with open_h5(entry.path) as f:
                 target = np.asarray(f[TARGET_KEY][()], dtype=np.float32)
                 maximum = float(np.asarray(f.attrs[MAX_ATTR]).reshape(-1)[0])
                 recon = read(entry, f)
@@ -362,7 +356,7 @@ def evaluate_folder(
 
     def read(entry: _LeaderboardFile, _: h5py.File) -> np.ndarray:
         path = root / entry.acc / entry.name
-        with _open(path) as f:
+        with open_h5(path) as f:
             return np.asarray(f[key][()])
 
     return _score(plan, read, device)

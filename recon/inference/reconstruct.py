@@ -27,8 +27,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,12 +38,13 @@ import torch
 from torch import nn
 
 from recon.data.dataset import Sample, SliceDataset
-from recon.data.layout import IMAGE_DIR, IMAGE_KEYS, LEADERBOARD_ACCS, FilePair, discover_pairs, open_h5
+from recon.data.layout import IMAGE_KEYS, FilePair, discover_leaderboard
 from recon.data.names import expert_name
 from recon.errors import InputError
 from recon.fft import center_crop
 from recon.inference.broker import Router, RoutingReport, route_slice
 from recon.inference.systems import ReconBatch, ReconSystem
+from recon.io import atomic_path, open_h5
 
 log = logging.getLogger(__name__)
 
@@ -205,23 +204,11 @@ class _Indexed(torch.utils.data.Dataset):
             return file_idx, str(exc)
 
 
-def _first(items: list[Any]) -> Any:
-    return items[0]
-
-
 def _discover(data_dir: Path, need_images: bool) -> list[tuple[str, FilePair]]:
     if not data_dir.is_dir():
         raise InputError(f"{data_dir}: data folder not found (expected {{acc4,acc8}}/kspace/*.h5)")
-    found: list[tuple[str, FilePair]] = []
-    for acc_dir in LEADERBOARD_ACCS:
-        folder = data_dir / acc_dir
-        if not folder.is_dir():
-            continue
-        require_image = need_images or (folder / IMAGE_DIR).is_dir()
-        found.extend((acc_dir, pair) for pair in discover_pairs(folder, require_image=require_image))
-    if not found:
-        raise InputError(f"{data_dir}: no leaderboard folders (expected {' and '.join(LEADERBOARD_ACCS)})")
-    return found
+    board = discover_leaderboard(data_dir, require_image=True if need_images else None)
+    return [(acc_dir, pair) for acc_dir, pairs in board.items() for pair in pairs]
 
 
 def _image_shape(pair: FilePair, crop: int | None) -> tuple[int, int]:
@@ -257,7 +244,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def write_volume(path: Path, volume: np.ndarray, key: str = RECON_KEY) -> str:
-    """Write ``volume`` to ``path`` atomically (temp file in the same folder, then rename).
+    """Write ``volume`` to ``path`` atomically (see :func:`recon.io.atomic_path`).
 
     Args:
         path: destination ``.h5`` file.
@@ -269,18 +256,11 @@ def write_volume(path: Path, volume: np.ndarray, key: str = RECON_KEY) -> str:
     """
     if volume.ndim != 3 or volume.dtype != np.float32:
         raise ValueError(f"a reconstruction must be float32 (S, h, w), got {volume.dtype} {volume.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w-") as f:
             # no timestamps in the file, so equal volumes give equal digests
             f.create_dataset(key, data=volume, track_times=False)
-        digest = hashlib.sha256(Path(tmp).read_bytes()).hexdigest()
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     return digest
 
 

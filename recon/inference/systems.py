@@ -6,7 +6,7 @@ expert. A system also carries the number of adjacent slices it was trained with,
 loader must reproduce.
 
 Systems come from a stage's checkpoint folder (:func:`load_system`) or from modules already built
-elsewhere (:meth:`ReconSystem.from_module`; the tracking layer loads registry versions that way).
+elsewhere, passed to :class:`ReconSystem` directly (the tracking layer loads registry versions that way).
 Nothing falls back: a checkpoint of the wrong kind, or whose configuration does not fit its
 weights, raises :class:`recon.errors.InputError`.
 """
@@ -106,27 +106,6 @@ class ReconSystem:
         if self.num_adj_slices < 1 or self.num_adj_slices % 2 == 0:
             raise ValueError(f"num_adj_slices must be odd and >= 1, got {self.num_adj_slices}")
         self.module.eval()
-
-    @classmethod
-    def from_module(
-        cls, module: nn.Module, num_adj_slices: int | None = None, name: str = "system", source: str = "<module>"
-    ) -> "ReconSystem":
-        """Wrap an already built module.
-
-        Args:
-            module: ``PromptMR`` or ``MixtureOfExperts``.
-            num_adj_slices: adjacent slices; by default ``module.cfg.num_adj_slices``.
-            name: label for reports.
-            source: provenance for reports.
-
-        Returns:
-            The system (module switched to eval mode).
-        """
-        if num_adj_slices is None:
-            num_adj_slices = getattr(getattr(module, "cfg", None), "num_adj_slices", None)
-            if num_adj_slices is None:
-                raise ValueError(f"{source}: pass num_adj_slices (the module's cfg does not state it)")
-        return cls(module, int(num_adj_slices), name, source)
 
     @property
     def is_moe(self) -> bool:

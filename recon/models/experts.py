@@ -38,12 +38,3 @@ class MixtureOfExperts(nn.Module):
 
     def forward(self, expert: str, masked_kspace: torch.Tensor, mask: torch.Tensor, num_low_frequencies):  # noqa: D102
         return self.expert(expert)(masked_kspace, mask, num_low_frequencies)
-
-    @classmethod
-    def from_single(cls, model: PromptMR, experts: Sequence[str] = EXPERTS) -> "MixtureOfExperts":
-        """Four (or ``len(experts)``) identical copies of one trained model: the MoE initialisation."""
-        moe = cls(model.cfg, experts)
-        state = model.state_dict()
-        for name in moe.names:
-            moe.experts[name].load_state_dict(state, strict=True)
-        return moe

@@ -124,11 +124,6 @@ def default_tracking_uri() -> str:
     return sqlite_uri(smartify_home() / "mlflow.db")
 
 
-def default_artifact_root() -> Path:
-    """``<home>/artifacts``."""
-    return smartify_home() / "artifacts"
-
-
 def default_optuna_storage() -> str:
     """``sqlite:///<home>/optuna.db`` (Optuna RDB storage URL)."""
     return sqlite_uri(smartify_home() / "optuna.db")
@@ -196,20 +191,6 @@ def ensure_local_dirs(stores: Stores) -> None:
                 Path(db_path).parent.mkdir(parents=True, exist_ok=True)
     if stores.artifact_root is not None:
         stores.artifact_root.mkdir(parents=True, exist_ok=True)
-
-
-def configure(stores: Stores) -> None:
-    """Point the ``mlflow`` module at these stores (for code that uses MLflow's fluent API).
-
-    Args:
-        stores: the resolved stores.
-    """
-    import mlflow
-
-    apply_http_defaults()
-    ensure_local_dirs(stores)
-    mlflow.set_tracking_uri(stores.tracking_uri)
-    mlflow.set_registry_uri(stores.registry_uri)
 
 
 def make_client(stores: Stores):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +23,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from recon.config import deep_merge, dump_yaml
+from recon.io import atomic_path
 from tracking.tune.oom import PRUNE_REASON
 from tracking.tune.config import SearchSpace, StageLayers, format_bytes, nest
 
@@ -109,13 +109,10 @@ def plot_study(study: optuna.Study, folder: Path, importance: str = "auto", seed
                 axes = make()
             fig = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
             path = folder / f"{key}.png"
-            fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".png", dir=folder)
-            os.close(fd)
             try:
-                fig.savefig(tmp, dpi=100, bbox_inches="tight")
-                os.replace(tmp, path)
+                with atomic_path(path) as tmp:
+                    fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
             finally:
-                Path(tmp).unlink(missing_ok=True)
                 plt.close(fig)
             out[key] = path
         except Exception as exc:  # a figure never costs the study; the reason is logged

@@ -345,17 +345,12 @@ def device_for_probe(cfg: TuneConfig, stage: StageConfig) -> str:
 
 def largest_training_input(stage: StageConfig) -> ProbeInput:
     """The largest k-space (by coils x rows x columns) among the stage's training files."""
-    from recon.data.layout import data_fingerprint, discover_pairs
+    from recon.data.layout import data_fingerprint, discover_split
 
     root = Path(stage.data.root)
     splits = list(stage.data.train_splits) + ([stage.data.val_split] if stage.data.use_val_for_final else [])
-    pairs = []
-    for split in splits:
-        folder = root / split
-        if not folder.is_dir():
-            raise InputError(f"{folder}: data split folder not found (data.root={root}); the memory probe needs "
-                             "the training data, or set probe_input in the tune file")
-        pairs += discover_pairs(folder, require_image=True)
+    hint = "the memory probe needs the training data, or set probe_input in the tune file"
+    pairs = [p for split in splits for p in discover_split(root, split, hint)]
     shapes = [tuple(f["kspace"]["keys"]["kspace"]["shape"]) for f in data_fingerprint(pairs)["files"]]
     if not shapes:
         raise InputError(f"{root}: no training files found for the memory probe")
