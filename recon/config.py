@@ -1,7 +1,9 @@
 """Typed, layered configuration: YAML files and ``--set`` overrides into frozen dataclasses.
 
 The machinery here knows no particular schema. A stage configuration is a tree of frozen
-dataclasses (sections) composed by the engine; this module turns YAML into such a tree and back:
+dataclasses (sections, see :mod:`recon.sections`) composed by the engine; this module turns YAML
+files and command-line items into the plain data such a tree is built from, and records for every
+key where its value came from:
 
 1. :func:`load_yaml_layers` reads a YAML file whose optional top-level key ``inherit`` names one or
    more base files (relative to the file). Each base is resolved completely, the bases are
@@ -9,22 +11,11 @@ dataclasses (sections) composed by the engine; this module turns YAML into such 
    other value (lists included) is replaced.
 2. :func:`parse_overrides` / :func:`apply_overrides` apply ``dotted.key=value`` items from the
    command line, the value typed by YAML (``lr=2e-4`` is a float, ``dims=[24, 32, 40]`` a list).
-3. :func:`from_dict` builds the dataclass tree, refusing unknown keys (with a suggestion), wrong
-   types, values outside a ``Literal`` and missing required keys, then runs each section's optional
-   ``validate()`` method. Keys given for a section override that field's *default instance* (e.g.
-   a preset such as ``p_aug: RampScheduleConfig = P_AUG``), not the section class's defaults.
-   Every refusal is a one-line :class:`~recon.errors.InputError` that names the dotted key and,
-   when known, the file the value came from.
-4. :func:`to_dict` / :func:`flatten` / :func:`dump_yaml` give the resolved configuration back as
-   plain data (saved with every checkpoint), as flat stable names (tracking params) and as a file.
-
-Supported field types: ``int``, ``float`` (ints accepted), ``bool`` (never 0/1), ``str``,
-``pathlib.Path`` (from a string), ``Optional[X]`` / ``X | None``, other unions (first arm that
-fits), ``Literal[...]``, ``tuple[X, ...]``, fixed ``tuple[X, Y]``, ``list[X]``, ``dict[str, X]``,
-nested dataclasses and ``Any``. A section may define ``validate(self) -> None`` raising
-``ValueError`` with a plain message; it is reported with the section's key path. Annotations
-are resolved with :func:`typing.get_type_hints`, so ``from __future__ import annotations`` works
-(sections must be defined at module level).
+3. :func:`load_config` does both, then builds the typed tree with :func:`recon.sections.from_dict`,
+   which refuses unknown keys, wrong types and broken section rules in one line that names the
+   dotted key and the file (or ``--set``) that set the value.
+4. :func:`dump_yaml` writes the resolved configuration back as a file; :func:`to_dict` and
+   :func:`flatten` (re-exported from :mod:`recon.sections`) give it as plain data and flat names.
 
 YAML note: PyYAML follows YAML 1.1, where ``2e-4`` (no dot) is a *string*. The loader here also
 reads such exponent forms as floats, because learning rates are written that way.
@@ -33,26 +24,23 @@ reads such exponent forms as floats, because learning rates are written that way
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
-import json
 import os
 import re
-import types
-import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, TypeVar
 
 import yaml
 
 from recon.errors import InputError
 from recon.io import write_text_atomic
+from recon.sections import deep_merge, flatten, from_dict, to_dict
 
 __all__ = [
     "INHERIT_KEY",
     "OVERRIDE_SOURCE",
     "load_yaml_layers",
+    "record_sources",
     "deep_merge",
     "parse_overrides",
     "apply_overrides",
@@ -95,31 +83,20 @@ def _yaml_load(text: str, origin: str) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
-def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    """Merge ``top`` over ``base``: mappings recursively, every other value replaced.
+def record_sources(data: Mapping[str, Any], origin: str, sources: dict[str, str], prefix: str = "") -> None:
+    """Record ``origin`` as the source of every key (sections and leaves) of ``data``.
 
     Args:
-        base: lower layer (not modified).
-        top: upper layer (not modified).
-
-    Returns:
-        A new nested dict.
+        data: nested plain data set by one origin.
+        origin: a file name, ``--set`` or another label shown in messages.
+        sources: the ``dotted.key -> origin`` dict to fill (existing entries are replaced).
+        prefix: dotted path of ``data`` itself, ending with a dot (``""`` at the root).
     """
-    out = copy.deepcopy(dict(base))
-    for key, value in top.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _record_sources(data: Mapping[str, Any], origin: str, sources: dict[str, str], prefix: str = "") -> None:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         sources[dotted] = origin
         if isinstance(value, Mapping):
-            _record_sources(value, origin, sources, dotted + ".")
+            record_sources(value, origin, sources, dotted + ".")
 
 
 def _inherit_list(value: Any, origin: str) -> list[str]:
@@ -152,7 +129,7 @@ def _load_layer(path: Path, stack: list[Path], sources: dict[str, str] | None) -
                 base_path = path.parent / base_path
             merged = deep_merge(merged, _load_layer(base_path, [*stack, resolved], sources))
     if sources is not None:
-        _record_sources(data, origin, sources)
+        record_sources(data, origin, sources)
     return deep_merge(merged, data)
 
 
@@ -253,247 +230,7 @@ def apply_overrides(
         if sources is not None:
             sources[key] = OVERRIDE_SOURCE
             if isinstance(value, Mapping):
-                _record_sources(value, OVERRIDE_SOURCE, sources, key + ".")
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Dict -> dataclass
-# --------------------------------------------------------------------------------------------
-
-
-def _source_of(key: str, sources: Mapping[str, str] | None) -> str | None:
-    if not sources:
-        return None
-    parts = key.split(".")
-    for n in range(len(parts), 0, -1):
-        origin = sources.get(".".join(parts[:n]))
-        if origin is not None:
-            return origin
-    return None
-
-
-def _fail(key: str, message: str, sources: Mapping[str, str] | None, *, keyed: bool = True) -> InputError:
-    """One-line error: ``<file>: <key>: <message>`` (parts omitted when unknown)."""
-    text = f"{key}: {message}" if keyed and key else message
-    origin = _source_of(key, sources)
-    return InputError(f"{origin}: {text}" if origin else text)
-
-
-def _describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
-
-
-def _type_name(tp: Any) -> str:
-    if isinstance(tp, type):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _convert(value: Any, tp: Any, key: str, sources: Mapping[str, str] | None) -> Any:
-    """Check ``value`` against annotation ``tp`` and convert it (lists to tuples, dicts to sections)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if tp is Any:
-        return value
-    if origin is Union or origin is types.UnionType:
-        arms = [a for a in args if a is not type(None)]
-        if value is None:
-            if len(arms) < len(args):
-                return None
-            raise _fail(key, f"expected {_type_name(tp)}, got None", sources)
-        if len(arms) == 1:
-            return _convert(value, arms[0], key, sources)
-        for arm in arms:
-            try:
-                return _convert(value, arm, key, sources)
-            except InputError:
-                continue
-        raise _fail(key, f"expected {' or '.join(_type_name(a) for a in arms)}, got {_describe(value)}", sources)
-    if origin is Literal:
-        if any(value == a and type(value) is type(a) for a in args):
-            return value
-        allowed = ", ".join(repr(a) for a in args)
-        hint = ""
-        if isinstance(value, str):
-            close = difflib.get_close_matches(value, [a for a in args if isinstance(a, str)], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise _fail(key, f"expected one of {allowed}, got {value!r}{hint}", sources)
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        return from_dict(tp, value, key, sources=sources)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _fail(key, f"expected bool (true/false), got {_describe(value)}", sources)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _fail(key, f"expected int, got {_describe(value)}", sources)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise _fail(key, f"expected float, got {_describe(value)}", sources)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _fail(key, f"expected str, got {_describe(value)}", sources)
-    if isinstance(tp, type) and issubclass(tp, os.PathLike):
-        if isinstance(value, (str, os.PathLike)):
-            return Path(value)
-        raise _fail(key, f"expected a path (str), got {_describe(value)}", sources)
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise _fail(key, f"expected a list, got {_describe(value)}", sources)
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise _fail(key, f"expected a list of {len(args)} items, got {len(value)}", sources)
-            return tuple(_convert(v, a, f"{key}[{i}]", sources) for i, (v, a) in enumerate(zip(value, args)))
-        item_tp = args[0] if args else Any
-        items = [_convert(v, item_tp, f"{key}[{i}]", sources) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise _fail(key, f"expected a mapping, got {_describe(value)}", sources)
-        key_tp, value_tp = args if args else (Any, Any)
-        out = {}
-        for k, v in value.items():
-            if key_tp is str and not isinstance(k, str):
-                raise _fail(key, f"expected string keys, got {_describe(k)}", sources)
-            out[k] = _convert(v, value_tp, _join(key, str(k)), sources)
-        return out
-    raise TypeError(f"recon.config: unsupported field type {tp!r} at '{key}'")
-
-
-def _default_of(f: dataclasses.Field[Any]) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return None
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def from_dict(cls: type[T], data: Any, path: str = "", *, sources: Mapping[str, str] | None = None) -> T:
-    """Build a (nested) dataclass instance from plain data, strictly.
-
-    Args:
-        cls: a dataclass type (usually frozen).
-        data: a mapping of field names to values (YAML-typed).
-        path: dotted key path of this section, used in messages (``""`` for the root).
-        sources: optional ``dotted.key -> file`` provenance (see :func:`load_yaml_layers`).
-
-    Returns:
-        An instance of ``cls``; fields absent from ``data`` keep their defaults.
-
-    Raises:
-        InputError: unknown key (with a close-match suggestion), wrong type, value outside a
-            ``Literal``, missing required key, or a failed construction / ``validate()`` check.
-        TypeError: ``cls`` is not a dataclass or uses an unsupported annotation (a schema bug).
-    """
-    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
-        raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
-    if not isinstance(data, Mapping):
-        where = path or "configuration"
-        raise _fail(path, f"{where}: expected a mapping (section), got {_describe(data)}", sources, keyed=False)
-    hints = _hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if not isinstance(key, str):
-            raise _fail(path, f"expected string keys, got {_describe(key)}", sources)
-        dotted = _join(path, key)
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f" (did you mean '{_join(path, close[0])}'?)" if close else ""
-            raise _fail(dotted, f"unknown key '{dotted}'{hint}", sources, keyed=False)
-        default = _default_of(fields[key])
-        if isinstance(value, Mapping) and dataclasses.is_dataclass(default) and not isinstance(default, type):
-            # A partial section overrides the field's default instance, not the section class defaults.
-            value = deep_merge(to_dict(default), value)
-        kwargs[key] = _convert(value, hints[key], dotted, sources)
-    for name, f in fields.items():
-        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            dotted = _join(path, name)
-            raise _fail(path, f"missing required key '{dotted}'", sources, keyed=False)
-    try:
-        instance = cls(**kwargs)
-        validate = getattr(instance, "validate", None)
-        if callable(validate):
-            validate()
-    except (ValueError, TypeError) as exc:
-        # A section's own check (``__post_init__`` or ``validate()``) failed: name its key path.
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise _fail(path, message, sources) from None
-    return instance
-
-
-# --------------------------------------------------------------------------------------------
-# Dataclass -> plain data
-# --------------------------------------------------------------------------------------------
-
-
-def to_dict(instance: Any) -> Any:
-    """Plain nested data from a dataclass tree: tuples become lists, paths strings.
-
-    Args:
-        instance: a dataclass instance (or any nesting of dicts, lists and scalars).
-
-    Returns:
-        Data that ``yaml.safe_dump`` and ``torch.load(weights_only=True)`` accept and that
-        :func:`from_dict` reads back into an equal instance.
-    """
-    if dataclasses.is_dataclass(instance) and not isinstance(instance, type):
-        return {f.name: to_dict(getattr(instance, f.name)) for f in dataclasses.fields(instance)}
-    if isinstance(instance, Mapping):
-        return {k: to_dict(v) for k, v in instance.items()}
-    if isinstance(instance, (list, tuple)):
-        return [to_dict(v) for v in instance]
-    if isinstance(instance, os.PathLike):
-        return os.fspath(instance)
-    return instance
-
-
-def flatten(data: Mapping[str, Any], sep: str = ".") -> dict[str, Any]:
-    """Flatten nested plain data into ``{"a.b.c": scalar}`` with stable names.
-
-    Lists become a compact JSON string (``"[24, 32, 40]"``) and empty mappings ``"{}"``, so every
-    value is a scalar (str, int, float, bool or None) fit for a tracking parameter.
-
-    Args:
-        data: nested dicts (e.g. the output of :func:`to_dict`).
-        sep: separator between key parts.
-
-    Returns:
-        A flat dict in the order of ``data`` (depth first).
-    """
-    out: dict[str, Any] = {}
-
-    def walk(node: Mapping[str, Any], prefix: str) -> None:
-        for key, value in node.items():
-            name = f"{prefix}{sep}{key}" if prefix else str(key)
-            if isinstance(value, Mapping):
-                if value:
-                    walk(value, name)
-                else:
-                    out[name] = "{}"
-            elif isinstance(value, (list, tuple)):
-                out[name] = json.dumps(to_dict(value))
-            elif isinstance(value, os.PathLike):
-                out[name] = os.fspath(value)
-            else:
-                out[name] = value
-
-    walk(data, "")
+                record_sources(value, OVERRIDE_SOURCE, sources, key + ".")
     return out
 
 

@@ -30,12 +30,13 @@ import numpy as np
 import torch
 
 from recon.metric import foreground_mask, ssim
+from recon.sections import Section
 
 REGULARIZERS = ("none", "l1", "l2")
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(Section):
     """Settings of :class:`MaskedSSIMLoss`.
 
     Attributes:
@@ -54,15 +55,13 @@ class LossConfig:
     regularizer_weight: float = 1e-4
     regularizer_start_epoch: int = 0
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.shade <= 1.0:
-            raise ValueError(f"loss shade must be in [0, 1], got {self.shade}")
-        if self.regularizer not in REGULARIZERS:
-            raise ValueError(f"loss regularizer must be one of {', '.join(REGULARIZERS)}, got {self.regularizer!r}")
-        if not (math.isfinite(self.regularizer_weight) and self.regularizer_weight >= 0):
-            raise ValueError(f"loss regularizer_weight must be finite and >= 0, got {self.regularizer_weight}")
-        if self.regularizer_start_epoch < 0:
-            raise ValueError(f"loss regularizer_start_epoch must be >= 0, got {self.regularizer_start_epoch}")
+    def validate(self) -> None:
+        """Check the values (run on construction, see :class:`recon.sections.Section`)."""
+        self.require(0.0 <= self.shade <= 1.0, "shade", "must be in [0, 1]")
+        self.require(self.regularizer in REGULARIZERS, "regularizer", f"must be one of {', '.join(REGULARIZERS)}")
+        self.require(math.isfinite(self.regularizer_weight) and self.regularizer_weight >= 0, "regularizer_weight",
+                     "must be finite and >= 0")
+        self.require(self.regularizer_start_epoch >= 0, "regularizer_start_epoch", "must be >= 0")
 
 
 @dataclass(frozen=True)

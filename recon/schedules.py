@@ -29,6 +29,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from recon.sections import Section
+
 __all__ = [
     "LRScheduleConfig",
     "RampScheduleConfig",
@@ -52,7 +54,7 @@ def _check_epoch(epoch: int) -> None:
 
 
 @dataclass(frozen=True)
-class LRScheduleConfig:
+class LRScheduleConfig(Section):
     """Learning rate per epoch. Defaults are the team's baseline (``kind="step"``).
 
     With ``k = epoch - start_epoch`` (epochs before ``start_epoch`` are an error) and
@@ -93,44 +95,32 @@ class LRScheduleConfig:
     t_max: int = 10
     eta_min_factor: float = 0.01
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
-        """Check the values.
+        """Check the values (run on construction, see :class:`recon.sections.Section`).
 
         Raises:
-            ValueError: a value out of range or inconsistent with the kind.
+            recon.sections.FieldError: a value out of range or inconsistent with the kind.
         """
-        if not (math.isfinite(self.base_lr) and self.base_lr > 0):
-            raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
-        if self.start_epoch < 0:
-            raise ValueError(f"start_epoch must be >= 0, got {self.start_epoch}")
+        need = self.require
+        need(math.isfinite(self.base_lr) and self.base_lr > 0, "base_lr", "must be > 0")
+        need(self.start_epoch >= 0, "start_epoch", "must be >= 0")
         if self.kind in ("step", "moe"):
-            if not 0 < self.gamma <= 1:
-                raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
-            if self.step_every < 1:
-                raise ValueError(f"step_every must be >= 1, got {self.step_every}")
-            if self.step_start < self.start_epoch + self.warmup_epochs:
-                raise ValueError(
-                    f"step_start ({self.step_start}) must not be before the end of the warm-up "
-                    f"({self.start_epoch} + {self.warmup_epochs})"
-                )
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if self.warmup_epochs and self.kind != "moe":
-            raise ValueError(f"warmup_epochs is only used by kind 'moe', got {self.warmup_epochs} for '{self.kind}'")
-        if not 0 < self.warmup_start_factor <= 1:
-            raise ValueError(f"warmup_start_factor must be in (0, 1], got {self.warmup_start_factor}")
+            need(0 < self.gamma <= 1, "gamma", "must be in (0, 1]")
+            need(self.step_every >= 1, "step_every", "must be >= 1")
+            need(self.step_start >= self.start_epoch + self.warmup_epochs, "step_start",
+                 f"must not be before the end of the warm-up (start_epoch {self.start_epoch} + "
+                 f"warmup_epochs {self.warmup_epochs})")
+        need(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0")
+        need(not self.warmup_epochs or self.kind == "moe", "warmup_epochs",
+             f"must be 0 unless kind is 'moe' (kind is '{self.kind}')")
+        need(0 < self.warmup_start_factor <= 1, "warmup_start_factor", "must be in (0, 1]")
         if self.kind == "cosine":
-            if self.t_max < 1:
-                raise ValueError(f"t_max must be >= 1, got {self.t_max}")
-            if not 0 <= self.eta_min_factor <= 1:
-                raise ValueError(f"eta_min_factor must be in [0, 1], got {self.eta_min_factor}")
+            need(self.t_max >= 1, "t_max", "must be >= 1")
+            need(0 <= self.eta_min_factor <= 1, "eta_min_factor", "must be in [0, 1]")
 
 
 @dataclass(frozen=True)
-class RampScheduleConfig:
+class RampScheduleConfig(Section):
     """A probability per epoch (mask augmentation ``p_mask``, MRAugment strength ``p_aug``).
 
     With ``D = start``, ``T = plateau`` and ``c = decay / (T - D)``:
@@ -161,23 +151,19 @@ class RampScheduleConfig:
     p_max: float = 1.0
     decay: float = 5.0
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
-        """Check the values.
+        """Check the values (run on construction, see :class:`recon.sections.Section`).
 
         Raises:
-            ValueError: a value out of range.
+            recon.sections.FieldError: a value out of range.
         """
-        if not 0.0 <= self.p_max <= 1.0:
-            raise ValueError(f"p_max must be in [0, 1], got {self.p_max}")
-        if self.start < 0:
-            raise ValueError(f"start must be >= 0, got {self.start}")
-        if self.kind in ("exp", "ramp") and self.plateau <= self.start:
-            raise ValueError(f"plateau ({self.plateau}) must be greater than start ({self.start})")
-        if self.kind == "exp" and not (math.isfinite(self.decay) and self.decay > 0):
-            raise ValueError(f"decay must be > 0, got {self.decay}")
+        need = self.require
+        need(0.0 <= self.p_max <= 1.0, "p_max", "must be in [0, 1]")
+        need(self.start >= 0, "start", "must be >= 0")
+        if self.kind in ("exp", "ramp"):
+            need(self.plateau > self.start, "plateau", f"must be greater than start ({self.start})")
+        if self.kind == "exp":
+            need(math.isfinite(self.decay) and self.decay > 0, "decay", "must be > 0")
 
 
 def lr_at(cfg: LRScheduleConfig, epoch: int) -> float:

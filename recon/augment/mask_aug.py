@@ -35,8 +35,8 @@ from typing import Literal
 
 import numpy as np
 
-from recon.errors import InputError
 from recon.masks import acs_width, equispaced_mask, infer_acc, public_start, random_mask
+from recon.sections import Section
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ _MAX_RANDOM_REDRAWS = 1000
 
 
 @dataclass(frozen=True)
-class MaskAugConfig:
+class MaskAugConfig(Section):
     """Settings of the mask augmentation.
 
     Attributes:
@@ -70,22 +70,14 @@ class MaskAugConfig:
     exclude_public_from_epoch: int | None = None
     center_fraction: float = 0.08
 
-    def __post_init__(self) -> None:
-        if self.mode not in MASK_AUG_MODES:
-            raise InputError(f"mask_aug.mode: expected one of {MASK_AUG_MODES}, got {self.mode!r}")
-        accs = tuple(self.accelerations)
-        if not accs or any(int(a) != a or a < 2 for a in accs):
-            raise InputError(f"mask_aug.accelerations: expected a non-empty tuple of integers >= 2, got {accs!r}")
-        object.__setattr__(self, "accelerations", tuple(int(a) for a in accs))
-        if not 0.0 <= self.random_fraction <= 1.0:
-            raise InputError(f"mask_aug.random_fraction: expected a value in [0, 1], got {self.random_fraction!r}")
-        if self.exclude_public_from_epoch is not None and self.exclude_public_from_epoch < 0:
-            raise InputError(
-                f"mask_aug.exclude_public_from_epoch: expected None or an epoch >= 0, "
-                f"got {self.exclude_public_from_epoch!r}"
-            )
-        if not 0.0 < self.center_fraction <= 1.0:
-            raise InputError(f"mask_aug.center_fraction: expected a value in (0, 1], got {self.center_fraction!r}")
+    def validate(self) -> None:
+        """Check the values (run on construction, see :class:`recon.sections.Section`)."""
+        accs = self.accelerations
+        self.require(bool(accs) and min(accs) >= 2, "accelerations", "must be a non-empty list of integers >= 2")
+        self.require(0.0 <= self.random_fraction <= 1.0, "random_fraction", "must be in [0, 1]")
+        first = self.exclude_public_from_epoch
+        self.require(first is None or first >= 0, "exclude_public_from_epoch", "must be null or an epoch >= 0")
+        self.require(0.0 < self.center_fraction <= 1.0, "center_fraction", "must be in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -46,15 +46,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from recon.errors import InputError
 from recon.fft import center_crop, fft2c, ifft2c, rss
+from recon.sections import Section
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ TRANSFORMS = ("fliph", "flipv", "rot90", "translation", "rotation", "shearing", 
 
 
 @dataclass(frozen=True)
-class AnatomyAugConfig:
+class AnatomyAugConfig(Section):
     """Weights and limits of the transforms for one anatomy.
 
     Attributes:
@@ -102,17 +102,14 @@ class AnatomyAugConfig:
     rot90_weight: float = 0.0
     interpolation: Interpolation = "bilinear"
 
-    def __post_init__(self) -> None:
-        for name, value in vars(self).items():
-            if name != "interpolation" and not (isinstance(value, (int, float)) and value >= 0):
-                raise InputError(f"mraugment.{name}: expected a number >= 0, got {value!r}")
-        if self.max_scaling >= 1.0:
-            raise InputError(f"mraugment.max_scaling: expected a value < 1, got {self.max_scaling!r}")
-        if self.max_shear_x >= 90.0 or self.max_shear_y >= 90.0:
-            raise InputError(f"mraugment.max_shear_x/y: expected angles < 90 degrees, got "
-                             f"{self.max_shear_x!r}, {self.max_shear_y!r}")
-        if self.interpolation not in ("bilinear", "bicubic"):
-            raise InputError(f"mraugment.interpolation: expected 'bilinear' or 'bicubic', got {self.interpolation!r}")
+    def validate(self) -> None:
+        """Check the limits (run on construction, see :class:`recon.sections.Section`)."""
+        for f in fields(self):
+            if f.name != "interpolation":
+                self.require(getattr(self, f.name) >= 0, f.name, "must be a number >= 0")
+        self.require(self.max_scaling < 1.0, "max_scaling", "must be < 1")
+        for name in ("max_shear_x", "max_shear_y"):
+            self.require(getattr(self, name) < 90.0, name, "must be an angle < 90 degrees")
 
     def weight(self, transform: str) -> float:
         """The weight of one of :data:`TRANSFORMS`."""
@@ -139,7 +136,7 @@ KNEE = AnatomyAugConfig(
 
 
 @dataclass(frozen=True)
-class MRAugmentConfig:
+class MRAugmentConfig(Section):
     """Settings of MRAugment.
 
     Attributes:
@@ -161,22 +158,16 @@ class MRAugmentConfig:
     strength: float = 1.0
     target_size: tuple[int, int] = field(default=(384, 384))
 
-    def __post_init__(self) -> None:
-        if self.target not in ("label", "rss"):
-            raise InputError(f"mraugment.target: expected 'label' or 'rss', got {self.target!r}")
-        if self.label_fill not in ("rss", "reflect"):
-            raise InputError(f"mraugment.label_fill: expected 'rss' or 'reflect', got {self.label_fill!r}")
-        if not self.strength >= 0:
-            raise InputError(f"mraugment.strength: expected a number >= 0, got {self.strength!r}")
-        if self.strength * max(self.brain.max_scaling, self.knee.max_scaling) >= 1.0:
-            raise InputError(f"mraugment.strength: strength * max_scaling must stay < 1, got {self.strength!r}")
-        if self.strength * max(self.brain.max_shear_x, self.brain.max_shear_y,
-                               self.knee.max_shear_x, self.knee.max_shear_y) >= 90.0:
-            raise InputError(f"mraugment.strength: strength * max_shear must stay < 90 degrees, got {self.strength!r}")
-        size = tuple(self.target_size)
-        if len(size) != 2 or any(int(s) != s or s < 1 for s in size):
-            raise InputError(f"mraugment.target_size: expected two positive integers, got {self.target_size!r}")
-        object.__setattr__(self, "target_size", (int(size[0]), int(size[1])))
+    def validate(self) -> None:
+        """Check the values (run on construction, see :class:`recon.sections.Section`)."""
+        self.require(self.strength >= 0, "strength", "must be a number >= 0")
+        scaling = max(self.brain.max_scaling, self.knee.max_scaling)
+        self.require(self.strength * scaling < 1.0, "strength",
+                     f"must keep strength * max_scaling < 1 (max_scaling is {scaling})")
+        shear = max(self.brain.max_shear_x, self.brain.max_shear_y, self.knee.max_shear_x, self.knee.max_shear_y)
+        self.require(self.strength * shear < 90.0, "strength",
+                     f"must keep strength * max_shear < 90 degrees (max_shear is {shear})")
+        self.require(min(self.target_size) >= 1, "target_size", "must be two positive integers")
 
     def anatomy(self, name: str) -> AnatomyAugConfig:
         """The settings for ``"brain"`` or ``"knee"``.

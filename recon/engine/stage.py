@@ -21,16 +21,17 @@ from typing import Any, Literal, Sequence
 from recon.augment.mask_aug import MaskAugConfig
 from recon.augment.mraugment import MRAugmentConfig
 from recon.models.classifier import ClassifierConfig
-from recon.config import apply_overrides, from_dict, load_yaml_layers, parse_overrides, to_dict
+from recon.config import apply_overrides, from_dict, load_yaml_layers, parse_overrides, record_sources, to_dict
 from recon.data.names import EXPERTS
 from recon.errors import InputError
 from recon.losses import LossConfig
-from recon.models.config import PromptMRConfig
+from recon.models.config import PRESETS, PromptMRConfig
 from recon.schedules import LRScheduleConfig, RampScheduleConfig
+from recon.sections import DEFAULT_SOURCE, Section
 
 
 @dataclass(frozen=True)
-class StageInfo:
+class StageInfo(Section):
     """What the stage is.
 
     Attributes:
@@ -47,7 +48,7 @@ class StageInfo:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     """Where the data is and how it is read.
 
     Attributes:
@@ -72,14 +73,14 @@ class DataConfig:
     max_val_slices: int | None = None
 
     def validate(self) -> None:
-        if self.num_adj_slices < 1 or self.num_adj_slices % 2 == 0:
-            raise InputError(f"data.num_adj_slices: expected an odd number >= 1, got {self.num_adj_slices}")
-        if self.num_workers < 0:
-            raise InputError(f"data.num_workers: expected >= 0, got {self.num_workers}")
+        """Check the values (see :meth:`recon.sections.Section.validate`)."""
+        self.require(self.num_adj_slices >= 1 and self.num_adj_slices % 2 == 1, "num_adj_slices",
+                     "must be an odd number >= 1")
+        self.require(self.num_workers >= 0, "num_workers", "must be >= 0")
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(Section):
     """AdamW settings (the learning rate itself comes from the ``lr`` schedule)."""
 
     weight_decay: float = 0.01
@@ -88,7 +89,7 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     """The epoch loop.
 
     Attributes:
@@ -117,14 +118,14 @@ class TrainConfig:
     probe_memory: bool = True
 
     def validate(self) -> None:
-        if self.epochs <= self.start_epoch:
-            raise InputError(f"train.epochs ({self.epochs}) must be greater than train.start_epoch ({self.start_epoch})")
-        if self.batch_size < 1:
-            raise InputError(f"train.batch_size: expected >= 1, got {self.batch_size}")
+        """Check the values (see :meth:`recon.sections.Section.validate`)."""
+        self.require(self.epochs > self.start_epoch, "epochs",
+                     f"must be greater than train.start_epoch ({self.start_epoch})")
+        self.require(self.batch_size >= 1, "batch_size", "must be >= 1")
 
 
 @dataclass(frozen=True)
-class MoEConfig:
+class MoEConfig(Section):
     """The 4-expert stage.
 
     Attributes:
@@ -138,7 +139,7 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
-class ClassifierTrainConfig:
+class ClassifierTrainConfig(Section):
     """The classifier stage (docs/pipeline.md 4.6).
 
     Attributes:
@@ -157,10 +158,14 @@ class ClassifierTrainConfig:
 
 
 @dataclass(frozen=True)
-class OutputConfig:
+class OutputConfig(Section):
     """Where the stage writes (``{stage}`` expands to the stage name)."""
 
     dir: str = "runs/{stage}"
+
+
+# The source named in messages for values of a configuration given as data (e.g. a checkpoint's).
+GIVEN_SOURCE = "<config>"
 
 
 def _default_lr() -> LRScheduleConfig:
@@ -168,7 +173,7 @@ def _default_lr() -> LRScheduleConfig:
 
 
 @dataclass(frozen=True)
-class StageConfig:
+class StageConfig(Section):
     """A whole training stage. See the module docstring; YAML keys mirror these fields."""
 
     stage: StageInfo = field(default_factory=StageInfo)
@@ -191,15 +196,13 @@ class StageConfig:
     init_from: str | None = None
 
     def validate(self) -> None:
-        if self.stage.kind != "classifier" and self.data.num_adj_slices != self.model.num_adj_slices:
-            raise InputError(
-                f"data.num_adj_slices ({self.data.num_adj_slices}) must equal model.num_adj_slices "
-                f"({self.model.num_adj_slices})"
-            )
+        """Check the sections against each other (see :meth:`recon.sections.Section.validate`)."""
+        self.require(self.stage.kind == "classifier" or self.data.num_adj_slices == self.model.num_adj_slices,
+                     "data.num_adj_slices", f"must equal model.num_adj_slices ({self.model.num_adj_slices})")
         if self.stage.kind == "moe":
             unknown = [e for e in self.moe.experts if e not in EXPERTS]
-            if unknown:
-                raise InputError(f"moe.experts: unknown expert {unknown[0]!r}; expected names from {', '.join(EXPERTS)}")
+            self.require(not unknown, "moe.experts",
+                         f"must name experts from {', '.join(EXPERTS)} (unknown: {', '.join(unknown)})")
 
     @property
     def output_dir(self) -> Path:
@@ -207,18 +210,23 @@ class StageConfig:
         return Path(self.output.dir.replace("{stage}", self.stage.name))
 
 
-def _expand_model_preset(data: dict[str, Any], source: str) -> dict[str, Any]:
+def _expand_model_preset(data: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
+    """Replace ``model.preset`` by the preset's fields; those not set by a file are sourced to the preset."""
     model = data.get("model")
     if model is None:
         return data
     if not isinstance(model, dict):
-        raise InputError(f"{source}: model: expected a mapping, got {type(model).__name__}")
+        raise InputError(f"{sources.get('model', DEFAULT_SOURCE)}: model: expected a mapping, "
+                         f"got {type(model).__name__}")
     model = dict(model)
     preset = model.pop("preset", "smartify")
-    try:
-        base = PromptMRConfig.preset(preset).to_dict()
-    except (KeyError, ValueError) as exc:
-        raise InputError(f"{source}: model.preset: unknown preset {preset!r} ({exc})") from exc
+    if not isinstance(preset, str) or preset not in PRESETS:
+        origin = sources.get("model.preset", DEFAULT_SOURCE)
+        raise InputError(f"model.preset = {preset!r} (from {origin}): must be one of {', '.join(PRESETS)}")
+    base = PromptMRConfig.preset(preset).to_dict()
+    for key in base:
+        if key not in model:
+            sources[f"model.{key}"] = f"model.preset {preset!r}"
     base.update(model)
     data = dict(data)
     data["model"] = base
@@ -239,12 +247,19 @@ def load_stage_config(
 
     Returns:
         The typed configuration and its fully resolved plain form (what checkpoints store).
+
+    Raises:
+        InputError: a problem in the files, the overrides or a value (one line naming the key and
+            the file, ``--set`` or ``<config>`` that set it).
     """
-    source = str(path) if path is not None else "<config>"
     sources: dict[str, str] = {}
-    raw = copy.deepcopy(data) if data is not None else load_yaml_layers(path, sources=sources)
+    if data is not None:
+        raw = copy.deepcopy(data)
+        record_sources(raw, GIVEN_SOURCE, sources)
+    else:
+        raw = load_yaml_layers(path, sources=sources)
     raw.pop("inherit", None)
     raw = apply_overrides(raw, parse_overrides(list(overrides)), sources=sources)
-    raw = _expand_model_preset(raw, source)
+    raw = _expand_model_preset(raw, sources)
     cfg = from_dict(StageConfig, raw, sources=sources)
     return cfg, to_dict(cfg)

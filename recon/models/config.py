@@ -19,21 +19,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from recon import sections
 from recon.errors import InputError
-
-_TRIPLE_FIELDS = (
-    "feature_dim", "prompt_dim", "sens_feature_dim", "sens_prompt_dim", "len_prompt", "prompt_size",
-    "n_enc_cab", "n_dec_cab", "n_skip_cab", "sens_len_prompt", "sens_prompt_size", "sens_n_enc_cab",
-    "sens_n_dec_cab", "sens_n_skip_cab",
-)
-_BOOL_FIELDS = (
-    "use_ca", "sens_use_ca", "learnable_prompt", "adaptive_input", "use_sens_adj", "shared_prelu", "mask_center",
-    "use_checkpoint", "sens_use_checkpoint", "sens_per_coil",
-)
-
+from recon.sections import Section
 
 @dataclass(frozen=True)
-class PromptMRConfig:
+class PromptMRConfig(Section):
     """All hyper-parameters of :class:`recon.models.promptmr.PromptMR`.
 
     Attributes:
@@ -107,70 +98,50 @@ class PromptMRConfig:
     sens_per_coil: bool = True
     seed: int = 430
 
-    def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if f.name in _TRIPLE_FIELDS:
-                if value is None and f.name.startswith("sens_") and f.name not in ("sens_feature_dim",
-                                                                                     "sens_prompt_dim"):
-                    continue
-                if isinstance(value, list):
-                    value = tuple(value)
-                    object.__setattr__(self, f.name, value)
-                if not (isinstance(value, tuple) and len(value) == 3 and all(_is_int(v) for v in value)):
-                    raise InputError(f"PromptMRConfig.{f.name}: expected 3 integers, got {value!r}")
-            elif f.name in _BOOL_FIELDS or f.name == "sens_use_ca":
-                if value is None and f.name == "sens_use_ca":
-                    continue
-                if not isinstance(value, bool):
-                    raise InputError(f"PromptMRConfig.{f.name}: expected true/false, got {value!r}")
-            elif f.name == "sens_n_bottleneck_cab" and value is None:
-                continue
-            elif not _is_int(value):
-                raise InputError(f"PromptMRConfig.{f.name}: expected an integer, got {value!r}")
-        self._check_values()
+    def validate(self) -> None:
+        """Check the values together (types are checked on construction, see :class:`recon.sections.Section`).
 
-    def _check_values(self) -> None:
-        def need(cond: bool, key: str, what: str) -> None:
-            if not cond:
-                raise InputError(f"PromptMRConfig.{key}={getattr(self, key)!r}: expected {what}")
-
-        need(self.num_cascades >= 0, "num_cascades", ">= 0")
-        need(self.num_adj_slices >= 1 and self.num_adj_slices % 2 == 1, "num_adj_slices", "an odd number >= 1")
+        Raises:
+            recon.sections.FieldError: a value out of range or inconsistent with another.
+        """
+        need = self.require
+        need(self.num_cascades >= 0, "num_cascades", "must be >= 0")
+        need(self.num_adj_slices >= 1 and self.num_adj_slices % 2 == 1, "num_adj_slices", "must be an odd number >= 1")
         for key in ("n_feat0", "sens_n_feat0", "kernel_size", "reduction"):
-            need(getattr(self, key) >= 1, key, ">= 1")
-        need(self.kernel_size % 2 == 1, "kernel_size", "an odd kernel size")
+            need(getattr(self, key) >= 1, key, "must be >= 1")
+        need(self.kernel_size % 2 == 1, "kernel_size", "must be an odd kernel size")
         for key in ("feature_dim", "prompt_dim", "sens_feature_dim", "sens_prompt_dim", "len_prompt", "prompt_size",
                     "sens_len_prompt", "sens_prompt_size"):
             value = getattr(self, key)
-            need(value is None or min(value) >= 1, key, "values >= 1")
+            need(value is None or min(value) >= 1, key, "must have values >= 1")
         for key in ("n_enc_cab", "sens_n_enc_cab"):
             value = getattr(self, key)
-            need(value is None or min(value) >= 1, key, "values >= 1 (each encoder level needs a block)")
+            need(value is None or min(value) >= 1, key, "must have values >= 1 (each encoder level needs a block)")
         for key in ("n_dec_cab", "n_skip_cab", "sens_n_dec_cab", "sens_n_skip_cab"):
             value = getattr(self, key)
-            need(value is None or min(value) >= 0, key, "values >= 0")
-        need(self.n_bottleneck_cab >= 0, "n_bottleneck_cab", ">= 0")
-        need(self.sens_n_bottleneck_cab is None or self.sens_n_bottleneck_cab >= 0, "sens_n_bottleneck_cab", ">= 0")
-        need(self.n_history >= 0, "n_history", ">= 0")
+            need(value is None or min(value) >= 0, key, "must have values >= 0")
+        need(self.n_bottleneck_cab >= 0, "n_bottleneck_cab", "must be >= 0")
+        need(self.sens_n_bottleneck_cab is None or self.sens_n_bottleneck_cab >= 0, "sens_n_bottleneck_cab",
+             "must be >= 0")
+        need(self.n_history >= 0, "n_history", "must be >= 0")
         # With N cascades at most N - 1 earlier features exist; a longer history only repeats the first one.
         need(self.n_history == 0 or self.n_history < self.num_cascades, "n_history",
-             f"0 or less than num_cascades={self.num_cascades}")
+             f"must be 0 or less than num_cascades ({self.num_cascades})")
         if self.adaptive_input:
             # The buffer is [AᴴAx, latent, x0] plus (n_buffer - 3) copies of AᴴAx - x0 (docs/promptmr.md P12).
-            need(self.n_buffer >= 3, "n_buffer", ">= 3 when adaptive_input is true")
+            need(self.n_buffer >= 3, "n_buffer", "must be >= 3 when adaptive_input is true")
         else:
-            need(self.n_buffer == 0, "n_buffer", "0 when adaptive_input is false (pitfall P12)")
-        need(self.seed >= 0, "seed", ">= 0")
+            need(self.n_buffer == 0, "n_buffer", "must be 0 when adaptive_input is false (pitfall P12)")
+        need(self.seed >= 0, "seed", "must be >= 0")
         # Values that would give zero-channel attention layers (docs/promptmr.md P2) are refused.
         if self.use_ca:
             narrowest = min(self.n_feat0, *self.feature_dim)
             need(self.reduction <= narrowest, "reduction",
-                 f"<= {narrowest}, the narrowest cascade width (else a 0-channel attention layer)")
+                 f"must be <= {narrowest}, the narrowest cascade width (else a 0-channel attention layer)")
         if self.sens_ca:
             narrowest = min(self.sens_n_feat0, *self.sens_feature_dim)
             need(self.reduction <= narrowest, "reduction",
-                 f"<= {narrowest}, the narrowest sensitivity-net width (else a 0-channel attention layer)")
+                 f"must be <= {narrowest}, the narrowest sensitivity-net width (else a 0-channel attention layer)")
 
     # ----- resolved sensitivity-net structure -------------------------------------------------------------
     @property
@@ -209,13 +180,7 @@ class PromptMRConfig:
         Raises:
             InputError: a key is unknown or a value is invalid.
         """
-        if not isinstance(data, Mapping):
-            raise InputError(f"PromptMRConfig: expected a mapping of settings, got {type(data).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        for key in data:
-            if key not in known:
-                raise InputError(f"PromptMRConfig: unknown key {key!r} (known keys: {', '.join(sorted(known))})")
-        return cls(**dict(data))
+        return sections.from_dict(cls, data)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "PromptMRConfig":
@@ -239,16 +204,7 @@ class PromptMRConfig:
 
     def replace(self, **changes: Any) -> "PromptMRConfig":
         """A copy with some fields changed (validated; unknown keys raise :class:`InputError`)."""
-        merged = self.to_dict()
-        for key in changes:
-            if key not in merged:
-                raise InputError(f"PromptMRConfig: unknown key {key!r}")
-        merged.update(changes)
-        return type(self).from_dict(merged)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+        return type(self).from_dict({**self.to_dict(), **changes})
 
 
 PRESETS: dict[str, dict[str, Any]] = {

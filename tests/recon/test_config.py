@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +25,7 @@ from recon.config import (
     parse_overrides,
     to_dict,
 )
+from recon.augment.mraugment import AnatomyAugConfig
 from recon.errors import InputError
 from recon.schedules import P_AUG, LRScheduleConfig, RampScheduleConfig
 
@@ -263,9 +267,9 @@ def test_wrong_type_names_key_and_value(stage_files: Path) -> None:
         ({"experts": {"brain_acc4": {"wieght": 1}}}, r"unknown key 'experts.brain_acc4.wieght' \(did you mean"),
         ({"experts": {"brain_acc4": 1}}, "experts.brain_acc4: expected a mapping"),
         ({"loss_weights": {"ssim": "high"}}, "loss_weights.ssim: expected float"),
-        ({"lr": {"kind": "moe", "warmup_epochs": 3, "step_start": 2}}, "lr: step_start .2. must not be before"),
+        ({"lr": {"kind": "moe", "warmup_epochs": 3, "step_start": 2}}, r"^lr\.step_start = 2: must not be before the end of the warm-up"),
         ({"model": {"cascades": 0}}, "model: cascades must be >= 1, got 0"),
-        ({"p_aug": {"p_max": 2}}, r"p_aug: p_max must be in \[0, 1\], got 2"),
+        ({"p_aug": {"p_max": 2}}, r"^p_aug\.p_max = 2\.0: must be in \[0, 1\]$"),
         ({"data": {"root": 5}}, "data.root: expected a path"),
         ({"seed": None}, "seed: expected int, got NoneType None"),
     ],
@@ -281,7 +285,7 @@ def test_partial_section_overrides_the_field_default_instance() -> None:
     base = {"name": "s", "kind": "moe", "output": {"dir": "o"}}
     cfg = from_dict(Stage, {**base, "p_aug": {"plateau": 45}})
     assert (cfg.p_aug.kind, cfg.p_aug.start, cfg.p_aug.plateau, cfg.p_aug.p_max) == ("exp", 33, 45, 0.5)
-    with pytest.raises(InputError, match=r"p_aug: plateau \(50\) must be greater than start \(60\)"):
+    with pytest.raises(InputError, match=r"^p_aug\.plateau = 50: must be greater than start \(60\)$"):
         from_dict(Stage, {**base, "p_aug": {"start": 60}})
 
 
@@ -348,3 +352,73 @@ def test_flatten_names_are_stable(stage_files: Path) -> None:
     assert list(flat) == list(flatten(load_config(Stage, stage_files)[1]))  # same order every time
     assert list(flat)[:4] == ["name", "kind", "output.dir", "seed"]
     assert flatten({"a": {"b": 1}}, sep="/") == {"a/b": 1}
+
+
+# -------------------------------------------------------------------------------- rule messages
+
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "experiments" / "tiny"
+
+
+def _train_error(stage: Path | str, *overrides: str) -> str:
+    """The one stderr line of ``smartify train`` refusing a stage at configuration load (exit code 2)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "tracking.cli", "train", str(stage)]
+    for item in overrides:
+        argv += ["--set", item]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr)
+    return lines[0]
+
+
+def test_cli_names_the_set_key_once_and_its_source() -> None:
+    stage = "experiments/tiny/hacker_moe.yaml"
+    assert _train_error(stage, "mraugment.strength=-1") == (
+        "smartify train: error: mraugment.strength = -1.0 (from --set): must be a number >= 0"
+    )
+    assert _train_error(stage, "mraugment.brain.max_scaling=1.5") == (
+        "smartify train: error: mraugment.brain.max_scaling = 1.5 (from --set): must be < 1"
+    )
+    # n_history: 1 comes from experiments/tiny/overlay.yaml; the --set on it is what is named.
+    assert _train_error(stage, "model.n_history=5") == (
+        "smartify train: error: model.n_history = 5 (from --set): must be 0 or less than num_cascades (2)"
+    )
+
+
+def test_cli_names_the_overlay_file_that_set_a_bad_value(tmp_path: Path) -> None:
+    overlay = _write(tmp_path / "overlay.yaml", "mraugment: {strength: -2}\n")
+    stage = _write(tmp_path / "stage.yaml", f"inherit: [{TINY / 'hacker_moe.yaml'}, overlay.yaml]\n")
+    assert _train_error(stage) == (
+        f"smartify train: error: mraugment.strength = -2.0 (from {overlay}): must be a number >= 0"
+    )
+    # A --set on the value the overlay set is named as --set.
+    assert _train_error(stage, "mraugment.strength=-1") == (
+        "smartify train: error: mraugment.strength = -1.0 (from --set): must be a number >= 0"
+    )
+    # A rule broken by this overlay names the file that set the blamed value: n_history: 1 is in
+    # experiments/tiny/overlay.yaml, which hacker_moe.yaml inherits.
+    overlay.write_text("model: {num_cascades: 1}\n")
+    assert _train_error(stage) == (
+        f"smartify train: error: model.n_history = 1 (from {TINY / 'overlay.yaml'}): "
+        "must be 0 or less than num_cascades (1)"
+    )
+
+
+def test_rules_name_defaults_presets_and_given_data() -> None:
+    from recon.engine.stage import load_stage_config
+    from recon.sections import FieldError
+
+    base = TINY / "hacker_baseline.yaml"
+    with pytest.raises(InputError, match=r"^p_aug\.plateau = 1 \(default\): must be greater than start \(5\)$"):
+        load_stage_config(base, ["p_aug.kind=exp", "p_aug.start=5"])
+    with pytest.raises(InputError, match=r"^model\.reduction = 2 \(from model\.preset 'smartify'\): must be <= 1"):
+        load_stage_config(base, ["model.n_feat0=1"])
+    _, resolved = load_stage_config(base)
+    resolved["data"]["num_workers"] = -1
+    with pytest.raises(InputError, match=r"^data\.num_workers = -1 \(from <config>\): must be >= 0$"):
+        load_stage_config(data=resolved)
+    # Built in code, a section states the rule with its own field name.
+    with pytest.raises(FieldError, match=r"^max_scaling must be < 1, got 1\.2$"):
+        AnatomyAugConfig(max_scaling=1.2)
