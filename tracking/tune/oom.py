@@ -4,7 +4,8 @@
 
 1. **Predicted OOM.** Before the objective runs, an optional ``predict(trial)`` gives the trial's peak memory
    (e.g. :class:`~tracking.tune.memory.MemoryPredictor` on the trial's sampled configuration). Above the
-   budget the trial is pruned at once with user attributes ``prune_reason=oom-predicted``, ``predicted_bytes`` and ``budget_bytes``.
+   budget the trial is pruned at once with user attributes ``prune_reason=oom-predicted``, ``predicted_bytes``
+   and ``budget_bytes``.
 2. **Real OOM.** A ``torch.OutOfMemoryError`` (or an allocator failure with the same meaning) raised by the
    objective prunes the trial (``prune_reason=oom``). The exception and its traceback, which hold the frames
    that reference the model and the optimizer, are dropped before ``gc.collect()`` and
