@@ -288,7 +288,8 @@ def test_two_worker_tune_on_postgresql(services, tiny_data, tmp_path) -> None:
 
 @pytest.mark.integration
 def test_register_promote_load_through_the_server(services, pg_stage, tmp_path) -> None:
-    from tracking.registry.versions import list_versions, load_version
+    from tracking.registry.loader import load_version
+    from tracking.registry.versions import list_versions
     from tracking.runs.stores import resolve_stores
 
     env = pg_stage["env"]

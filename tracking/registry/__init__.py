@@ -1,1 +1,2 @@
-"""The Model Registry: registered versions, gated promotion by alias, and the submission."""
+"""The Model Registry: registered versions (versions), their files and hashes (artifact), weights-only loading
+(loader), gated promotion by alias (promotion), and the submission (submission)."""

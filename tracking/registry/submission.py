@@ -3,7 +3,7 @@
 :func:`submit` resolves the three model references (by default ``models:/smartify-hacker@champion``,
 ``models:/smartify-helper@champion`` and ``models:/smartify-classifier@champion``) to concrete
 versions *once*, before anything is loaded, so an alias that moves during a submission cannot mix
-versions; it then loads those versions (:func:`tracking.registry.versions.load_version`, weights only) and
+versions; it then loads those versions (:func:`tracking.registry.loader.load_version`, weights only) and
 runs the same inference as ``smartify reconstruct``
 (:func:`recon.inference.reconstruct.reconstruct_leaderboard`). When the data folder holds
 ``image_label`` for every file, the output is scored with the official metric
@@ -42,7 +42,8 @@ from recon.data.layout import LEADERBOARD_ACCS, data_fingerprint, discover_pairs
 from recon.errors import InputError
 from recon.inference.reconstruct import CHALLENGE_BUDGET_S, ReconResult, reconstruct_leaderboard
 from recon.inference.systems import ReconSystem, adjacent_from_payload
-from tracking.registry.versions import ModelVersionInfo, get_version_info, load_version
+from tracking.registry.loader import load_version
+from tracking.registry.versions import ModelVersionInfo, get_version_info
 from tracking.runs.stores import Stores, get_or_create_experiment, make_client, resolve_stores
 
 log = logging.getLogger(__name__)

@@ -3,34 +3,17 @@
 Registered names: a Hacker stage (``family: hacker``, baseline or MoE) becomes a version of
 ``smartify-hacker``, a Helper stage one of ``smartify-helper``, the slice classifier one of
 ``smartify-classifier``. A version of a reconstruction model holds either one PromptMR+ (baseline)
-or the four experts (MoE) in a single state dict.
+or the four experts (MoE) in a single state dict; its files are :mod:`tracking.registry.artifact`, and
+:mod:`tracking.registry.loader` loads them back.
 
-What a version holds (artifacts of the stage's MLflow run, under
-``registry/<name>/<stage>-e<epoch>-<digest12>/``)::
-
-    weights.pt           a smartify checkpoint stripped to weights + configs: no optimizer, no RNG
-    config.yaml          the resolved stage configuration (for people; weights.pt carries it too)
-    model_config.json    the network configuration
-    smartify-model.json  format, kind, stage, epoch, experts, score, sha256 of weights.pt, loader
-
-and tags on the model version: ``val_metric`` (``ssim`` | ``accuracy``), ``val_score``,
+This module registers a checkpoint (:func:`register_stage`) and reads versions back as
+:class:`ModelVersionInfo` (:func:`get_version_info`, :func:`list_versions`). Tags on a model version:
+``val_metric`` (``ssim`` | ``accuracy``), ``val_score``,
 ``data_fingerprint`` (digest of the validation split, from the run's ``data.val_fingerprint`` param, or of
 all its data, ``data.fingerprint``, for runs that lack it),
 ``val_protocol`` (validation split, slice cap, whether the stage trained on it), ``stage``,
 ``kind``, ``family``, ``epoch``, ``experts``, ``weights_digest`` (content hash of the tensors),
 ``weights_sha256`` (file hash), ``checkpoint`` (the file registered).
-
-Why state dicts read by our own loader, and not MLflow's pytorch flavour or a pyfunc model:
-``mlflow.pytorch.log_model`` pickles the whole ``nn.Module`` by default, so loading needs
-``torch.load(weights_only=False)`` (arbitrary code runs) and the class at the same import path
-(the ``ModuleNotFoundError`` of mlflow #9514 / #832). A "models from code" pyfunc avoids the pickle
-but executes a Python file stored in the artifact store at load time, and its ``predict``
-(DataFrame / ndarray in, out) does not fit k-space batches with masks and expert routing. Here a
-version is only tensors and plain data; :func:`load_version` downloads it, checks the file hash
-against the version tag, loads it with ``torch.load(weights_only=True)`` and rebuilds the module
-from its configuration with :func:`recon.engine.checkpoint.build_model` (strict: a configuration that does
-not fit the weights is an error, never a fresh model). The cost: no ``mlflow models serve``; the
-loader is this checkout's code, whose version is recorded in ``smartify-model.json``.
 
 Registration is idempotent per training run: the same weights (same ``weights_digest``) from the
 same training run (tag ``training_run``, the checkpoint's MLflow run id, or ``none``) return the
@@ -42,23 +25,16 @@ an earlier version.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import re
-import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import yaml
-from torch import nn
-
-from recon.engine.checkpoint import build_model, load_checkpoint, save_checkpoint
+from recon.engine.checkpoint import build_model, load_checkpoint
 from recon.errors import InputError
+from tracking.registry.artifact import export_version_files, validation_protocol, validation_score, weights_digest
 from tracking.runs.stores import Stores, get_or_create_experiment, make_client, redact_uri, resolve_stores
 
 log = logging.getLogger(__name__)
@@ -71,11 +47,6 @@ DESCRIPTIONS = {
     "smartify-helper": "Helper system: PromptMR+ (one model or four experts) for every other mask.",
     "smartify-classifier": "Brain/knee slice classifier that picks the expert of each file.",
 }
-ARTIFACT_FORMAT = "smartify.registered/1"
-WEIGHTS_FILE = "weights.pt"
-CONFIG_FILE = "config.yaml"
-MODEL_CONFIG_FILE = "model_config.json"
-DESCRIPTION_FILE = "smartify-model.json"
 #: Params of a stage run holding data fingerprint digests (written by tracking.runs.callback): the
 #: validation split's alone (preferred: promotion compares scores on it), else the whole data set's.
 VAL_FINGERPRINT_PARAM = "data.val_fingerprint"
@@ -84,9 +55,6 @@ FINGERPRINT_PARAM = "data.fingerprint"
 RUN_ID_KEY = "mlflow_run_id"
 DEFAULT_EXPERIMENT = "smartify"
 UNKNOWN = "unknown"
-# Keys of a checkpoint that a registered version keeps (no optimizer state, no RNG streams).
-_KEEP = ("kind", "stage", "family", "epoch", "config", "model_config", "experts", "model", "best_metric",
-         "best_epoch", "metrics", "tracking", "versions")
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
 
 
@@ -166,7 +134,7 @@ class ModelVersionInfo:
         return out
 
 
-# --------------------------------------------------------------------------- checkpoint side
+# --------------------------------------------------------------------------- registration
 def registered_name(payload: dict[str, Any], name: str | None = None) -> str:
     """The registered model name for a checkpoint.
 
@@ -191,106 +159,6 @@ def registered_name(payload: dict[str, Any], name: str | None = None) -> str:
     return NAMES[family]
 
 
-def validation_score(payload: dict[str, Any]) -> tuple[str, float | None]:
-    """The validation score of exactly these weights.
-
-    ``best_metric`` when the checkpoint is the best epoch (``best.pt``); otherwise the epoch's own
-    ``val/ssim`` (``val/accuracy``) from ``metrics`` (a ``last.pt`` whose epoch was not the best).
-
-    Args:
-        payload: a checkpoint dictionary.
-
-    Returns:
-        ``(metric, score)``: metric is ``ssim`` or ``accuracy``; score None when unknown.
-    """
-    metric = "accuracy" if payload["kind"] == "classifier" else "ssim"
-    best, best_epoch = payload.get("best_metric"), payload.get("best_epoch")
-    if best is not None and (best_epoch is None or int(best_epoch) == int(payload["epoch"])):
-        value = float(best)
-        return metric, value if value > float("-inf") else None
-    own = (payload.get("metrics") or {}).get(f"val/{metric}")
-    return metric, float(own) if own is not None else None
-
-
-def validation_protocol(payload: dict[str, Any]) -> str:
-    """What the validation score was computed on, beyond the data itself.
-
-    Args:
-        payload: a checkpoint dictionary.
-
-    Returns:
-        e.g. ``split=val;max_slices=None;trained_on_val=False`` (the classifier: its own
-        ``val_split``).
-    """
-    config = payload.get("config") or {}
-    data = config.get("data") or {}
-    if payload["kind"] == "classifier":
-        split = (config.get("classifier") or {}).get("val_split", data.get("val_split"))
-        return f"split={split}"
-    # a stage that trained on its validation split (use_val_for_final) has a score that is not comparable
-    trained_on_val = bool(data.get("use_val_for_final", False))
-    return f"split={data.get('val_split')};max_slices={data.get('max_val_slices')};trained_on_val={trained_on_val}"
-
-
-def weights_digest(state: dict[str, torch.Tensor]) -> str:
-    """A content hash of a state dict (names, dtypes, shapes and values; independent of file format).
-
-    Args:
-        state: the weights.
-
-    Returns:
-        sha256 hex digest.
-    """
-    h = hashlib.sha256()
-    for key in sorted(state):
-        tensor = state[key].detach().cpu().contiguous().reshape(-1)
-        h.update(f"{key}|{state[key].dtype}|{tuple(state[key].shape)}|".encode())
-        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return h.hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 hex digest of a file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def export_version_files(payload: dict[str, Any], folder: str | Path) -> dict[str, Any]:
-    """Write the files of a registered version (see module docstring) into ``folder``.
-
-    Args:
-        payload: a checkpoint dictionary (from :func:`recon.engine.checkpoint.load_checkpoint`).
-        folder: destination (created).
-
-    Returns:
-        The description written to ``smartify-model.json``.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    stripped = {key: payload[key] for key in _KEEP if key in payload}
-    stripped["optimizer"] = None
-    weights = save_checkpoint(folder / WEIGHTS_FILE, stripped)
-    (folder / CONFIG_FILE).write_text(yaml.safe_dump(payload["config"], sort_keys=False))
-    (folder / MODEL_CONFIG_FILE).write_text(json.dumps(payload["model_config"], indent=2, default=list) + "\n")
-    metric, score = validation_score(payload)
-    description = {
-        "format": ARTIFACT_FORMAT,
-        "loader": "tracking.registry.versions.load_version (torch.load weights_only=True, recon.engine.checkpoint.build_model)",
-        "kind": payload["kind"], "stage": payload.get("stage"), "family": payload.get("family"),
-        "epoch": int(payload["epoch"]), "experts": list(payload.get("experts") or []),
-        "val_metric": metric, "val_score": score,
-        "weights_file": WEIGHTS_FILE, "weights_sha256": file_sha256(weights),
-        "weights_digest": weights_digest(payload["model"]),
-        "versions": dict(payload.get("versions") or {}),
-    }
-    (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
-    return description
-
-
-# --------------------------------------------------------------------------- registry side
 def _run_for(client, payload: dict[str, Any], stores: Stores, experiment: str) -> tuple[str, str | None]:
     """The MLflow run that will hold the version's artifacts, and the data fingerprint it records.
 
@@ -421,6 +289,7 @@ def register_stage(
     return get_version_info(model_name, version=int(mv.version), stores=stores)
 
 
+# --------------------------------------------------------------------------- lookup
 def parse_model_ref(
     uri_or_name: str, version: int | str | None = None, alias: str | None = None
 ) -> tuple[str, int | None, str | None]:
@@ -516,66 +385,3 @@ def list_versions(name: str | None = None, stores: Stores | None = None) -> list
         for mv in client.search_model_versions(f"name='{model_name}'"):
             out.append(ModelVersionInfo.from_mlflow(mv, aliases.get(int(mv.version), ())))
     return sorted(out, key=lambda i: (i.name, i.version))
-
-
-def download_version(info: ModelVersionInfo, dst: str | Path, stores: Stores | None = None) -> Path:
-    """Download a version's files into ``dst`` and check ``weights.pt`` against the version's tag.
-
-    Args:
-        info: the version.
-        dst: an existing, empty folder.
-        stores: tracking stores (default: resolved).
-
-    Returns:
-        The folder that holds ``weights.pt``.
-    """
-    import mlflow
-
-    stores = stores or resolve_stores()
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    local = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=info.source, dst_path=str(dst), tracking_uri=stores.tracking_uri
-    ))
-    weights = local / WEIGHTS_FILE
-    if not weights.is_file():
-        raise InputError(f"{info.uri}: {info.source} has no {WEIGHTS_FILE} (not a smartify registered version)")
-    expected = info.tags.get("weights_sha256")
-    if expected and file_sha256(weights) != expected:
-        raise InputError(f"{info.uri}: {WEIGHTS_FILE} does not match the version's weights_sha256 tag (corrupt copy?)")
-    return local
-
-
-def load_version(
-    uri_or_name: str,
-    version: int | str | None = None,
-    alias: str | None = None,
-    stores: Stores | None = None,
-    map_location: str | torch.device = "cpu",
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Load a registered version: download, verify, ``weights_only=True`` load, rebuild from config.
-
-    Args:
-        uri_or_name: ``models:/name@alias``, ``models:/name/3`` or a name (with version or alias).
-        version: with a name.
-        alias: with a name.
-        stores: tracking stores (default: resolved).
-        map_location: device for the tensors.
-
-    Returns:
-        ``(module, payload)``: the module in eval mode on the CPU (``PromptMR``,
-        ``MixtureOfExperts`` or ``SliceClassifier``) and the checkpoint dictionary, with
-        ``payload["registry"]`` = :meth:`ModelVersionInfo.to_dict` and ``payload["path"]`` = the URI.
-    """
-    stores = stores or resolve_stores()
-    info = get_version_info(uri_or_name, version, alias, stores)
-    tmp = tempfile.mkdtemp(prefix="smartify-model-")
-    try:
-        local = download_version(info, tmp, stores)
-        payload = load_checkpoint(local / WEIGHTS_FILE, map_location=map_location)
-        payload["path"] = info.uri
-        module = build_model(payload)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    payload["registry"] = info.to_dict()
-    log.info("loaded %s (%s, stage %s, epoch %s)", info.uri, info.kind, info.stage, info.epoch)
-    return module, payload

@@ -1,1 +1,2 @@
-"""Optuna tuning: the tune file, search space, study, OOM guard and memory prediction, report, study runs."""
+"""Optuna tuning: the tune file (config), search space (space), memory prediction (memory), OOM guard (oom),
+one trial (session), the study and an invocation (study), its end (report) and its MLflow runs (study_runs)."""

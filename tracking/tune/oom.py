@@ -3,8 +3,9 @@
 :func:`guard_objective` wraps any objective ``f(trial) -> float``:
 
 1. **Predicted OOM.** Before the objective runs, an optional ``predict(trial)`` gives the trial's peak memory
-   (e.g. :class:`MemoryPredictor` on the trial's sampled configuration). Above the budget the trial is pruned at
-   once with user attributes ``prune_reason=oom-predicted``, ``predicted_bytes`` and ``budget_bytes``.
+   (e.g. :class:`~tracking.tune.memory.MemoryPredictor` on the trial's sampled configuration). Above the
+   budget the trial is pruned at once with user attributes ``prune_reason=oom-predicted``, ``predicted_bytes``
+   and ``budget_bytes``.
 2. **Real OOM.** A ``torch.OutOfMemoryError`` (or an allocator failure with the same meaning) raised by the
    objective prunes the trial (``prune_reason=oom``). The exception and its traceback, which hold the frames
    that reference the model and the optimizer, are dropped before ``gc.collect()`` and
@@ -21,26 +22,23 @@ Memory is released after every trial that ran the objective, whatever the outcom
 gone; ``gc_after_trial`` is then redundant (and a full collection costs ~0.2 s in a process that has torch
 and MLflow loaded, which would dominate a trial pruned on its prediction).
 
-The prediction (:class:`MemoryPredictor`) uses the memory probe of :mod:`recon.engine.memory` on the largest training
-input, with a free lower bound first (the input tensor alone) and a cache per model configuration (seeds
-aside), so repeated architectures cost nothing.
+The prediction itself (:class:`tracking.tune.memory.MemoryPredictor`) is a job of its own, in
+:mod:`tracking.tune.memory`.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import math
 import traceback
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import optuna
 import torch
 
-from recon.engine.stage import StageConfig
 from recon.engine.trainer import DivergenceError
+from tracking.tune.memory import MemoryPrediction, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -66,32 +64,9 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in _OOM_TEXT)
 
 
-def release_memory() -> None:
-    """Collect garbage and return cached CUDA blocks to the driver (when CUDA was used)."""
-    gc.collect()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
-
-
 def _text(exc: BaseException) -> str:
     first = (str(exc).strip().splitlines() or [""])[0]
     return f"{type(exc).__name__}: {first}"[:_MAX_TEXT]
-
-
-@dataclass(frozen=True)
-class MemoryPrediction:
-    """A trial's predicted peak memory.
-
-    Attributes:
-        predicted_bytes: the peak, in bytes.
-        source: ``input-bound`` (the input alone exceeds the budget; no probe run), ``probe`` (meta-device
-            estimate), ``measured`` (a real step on CUDA) or ``cache`` (an earlier probe of the same model).
-        details: the probe's parts (weights, saved activations...) for the record.
-    """
-
-    predicted_bytes: int
-    source: str
-    details: dict[str, Any] = field(default_factory=dict)
 
 
 Predict = Callable[[optuna.trial.Trial], "MemoryPrediction | int | None"]
@@ -203,68 +178,3 @@ def guard_objective(objective: Callable[[optuna.trial.Trial], float], *, predict
         The guarded objective; use it with ``study.optimize(guarded, catch=CATCH, gc_after_trial=True)``.
     """
     return GuardedObjective(objective, predict, budget_bytes, after_trial)
-
-
-# ----- prediction -----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ProbeInput:
-    """The training input a prediction is for: one k-space of ``coils x height x width`` per sample."""
-
-    coils: int
-    height: int
-    width: int
-    batch_size: int = 1
-
-    def input_bytes(self, adjacent: int) -> int:
-        """Bytes of the complex64 masked k-space ``(B, A, C, H, W)`` plus the float32 column mask."""
-        return self.batch_size * (adjacent * self.coils * self.height * self.width * 8 + self.width * 4)
-
-
-class MemoryPredictor:
-    """Peak memory of a stage's training step, from the memory probe, with a cache per model configuration.
-
-    For a mixture of experts only one expert trains per step; the others keep their weights and AdamW state
-    (their gradients are freed each step), which is added to the single-expert figure.
-
-    Args:
-        device: ``cpu``/``meta`` for the meta-device estimate, ``cuda`` to measure a real step.
-    """
-
-    def __init__(self, device: str = "cpu") -> None:
-        self.device = device
-        self._cache: dict[str, Any] = {}
-
-    def predict(self, cfg: StageConfig, inp: ProbeInput, budget_bytes: int | None = None) -> MemoryPrediction:
-        """The predicted peak for ``cfg`` on ``inp``.
-
-        Args:
-            cfg: the trial's stage.
-            inp: the largest training input.
-            budget_bytes: when given and the input alone exceeds it, no probe is run (``input-bound``).
-
-        Returns:
-            The :class:`MemoryPrediction`.
-        """
-        lower = inp.input_bytes(cfg.model.num_adj_slices)
-        if budget_bytes is not None and lower > budget_bytes:
-            return MemoryPrediction(lower, "input-bound", {"input_bytes": lower})
-        model = {k: v for k, v in cfg.model.to_dict().items() if k != "seed"}  # the seed does not change memory
-        key = json.dumps([model, inp.coils, inp.height, inp.width, inp.batch_size, self.device])
-        source = "cache"
-        estimate = self._cache.get(key)
-        if estimate is None:
-            from recon.engine.memory import probe_training_step
-
-            estimate = probe_training_step(cfg.model, inp.coils, inp.height, inp.width, device=self.device,
-                                           batch_size=inp.batch_size)
-            self._cache[key] = estimate
-            source = "measured" if estimate.measured else "probe"
-            if self.device.startswith("cuda"):
-                release_memory()
-        details = {k: v for k, v in estimate.to_dict().items() if isinstance(v, (int, bool))}
-        peak = int(estimate.peak_bytes)
-        if cfg.stage.kind == "moe":
-            idle = (len(cfg.moe.experts) - 1) * (estimate.params_bytes + estimate.optimizer_bytes)
-            details["idle_experts_bytes"] = int(idle)
-            peak += int(idle)
-        return MemoryPrediction(peak, source, details)

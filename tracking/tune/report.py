@@ -24,8 +24,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from recon.config import deep_merge, dump_yaml
 from recon.io import atomic_path
+from tracking.tune.memory import format_bytes
 from tracking.tune.oom import PRUNE_REASON
-from tracking.tune.config import SearchSpace, StageLayers, format_bytes, nest
+from tracking.tune.space import SearchSpace, StageLayers, nest
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Optuna studies over a training stage: storage, sampler, the trial objective, workers and the end of a study.
+"""Optuna studies over a training stage: storage, sampler, pruner, and a whole ``smartify tune`` invocation.
 
 One study lives in an RDB storage (default ``sqlite:///<home>/optuna.db``; ``postgresql://...`` for many
 machines) with heartbeats: a trial whose worker dies is marked FAIL by the next worker after the grace period
@@ -6,30 +6,23 @@ and re-queued with the same parameters (``RetryHeartbeatStaleTrialCallback``; th
 attributes ``failed_trial`` and ``retry_history``). The study is created once, before any worker optimizes;
 every later process loads it, so several processes running the same command share it.
 
-A trial samples the search space (:mod:`tracking.tune.config`), builds its stage (the base stage, ``fixed``,
-``trial_only``, ``--set``, the sampled values, then its own epochs, output folder and seeds), predicts its
-peak memory and trains ``epochs_per_trial`` epochs with :func:`recon.engine.trainer.run_stage`, reporting the
-metric every epoch to the pruner. :func:`tracking.tune.oom.guard_objective` turns predicted and real OOM and
-divergence into PRUNED trials with a ``prune_reason``, and records other errors.
-
 Sampling is explicit: the sampler is re-created for every trial with a seed derived from (study seed, trial
 number), so proposals depend on the trial number only, and workers never propose the same start-up points.
-With ``seed_per_trial`` each trial's stage and model seeds derive from (study seed, original trial number)
-(a retried trial keeps the seeds of the trial it repeats). The objective never draws from global RNGs; it
-seeds them once per trial at its start, as the ``train`` entry point does.
 
-Tracking (:class:`StudyTracker`): one MLflow parent run per study (its id is kept in the study's user
-attributes), one nested run per trial (params, per-epoch metrics, ``optuna.state``, ``smartify.prune_reason``),
-and at the end the optimisation-history, intermediate-value and parameter-importance figures, the trial table
-and the overlay on the study run. The best trial's values go to a stage overlay (:func:`write_overlay`).
+An invocation (:func:`run_tune`) is :func:`prepare` (tune file, space, memory budget, storage, study and its
+tracking), the trials of this process (:class:`tracking.tune.session.TuneSession`), then :func:`finish`.
+
+Tracking (:class:`tracking.tune.study_runs.StudyTracker`): one MLflow parent run per study (its id is kept in
+the study's user attributes), one nested run per trial (params, per-epoch metrics, ``optuna.state``,
+``smartify.prune_reason``), and at the end the optimisation-history, intermediate-value and
+parameter-importance figures, the trial table and the overlay on the study run. The best trial's values go to
+a stage overlay (:func:`tracking.tune.report.write_overlay`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
-import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -41,14 +34,18 @@ from optuna.samplers import BaseSampler
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from recon.engine.runtime import select_device
-from recon.engine.stage import StageConfig
-from recon.engine.trainer import DivergenceError, run_stage
 from recon.errors import InputError
-from recon.events import Callback, CallbackList, ConsoleCallback, Divergence, EpochEnd
-from recon.seeding import derive_seed, seed_everything
-from tracking.tune.oom import CATCH, MemoryPrediction, MemoryPredictor, ProbeInput, guard_objective, release_memory
-from tracking.tune.config import SearchSpace, StageLayers, TuneConfig, format_bytes
+from recon.events import Callback
+from recon.seeding import derive_seed
+from tracking.tune.config import TuneConfig, load_tune_config, parse_bytes, study_name_of
+from tracking.tune.memory import (
+    MemoryPredictor,
+    ProbeInput,
+    cap_cuda_memory,
+    device_for_probe,
+    format_bytes,
+    largest_training_input,
+)
 from tracking.tune.report import (
     format_table,
     importance_evaluator,
@@ -57,12 +54,13 @@ from tracking.tune.report import (
     trial_rows,
     write_overlay,
 )
+from tracking.tune.session import TuneSession
+from tracking.tune.space import SearchSpace, stage_layers
 from tracking.tune.study_runs import StudyTracker
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT = "smartify-tune"
-ORIGIN_ATTR = "origin_trial"
 
 
 # ----- storage, sampler, pruner, study --------------------------------------------------------------------------
@@ -207,172 +205,6 @@ def open_study(storage: RDBStorage, name: str, cfg: TuneConfig, attrs: dict[str,
     return study
 
 
-# ----- one trial ------------------------------------------------------------------------------------------------
-class _Reporter(Callback):
-    """Reports the metric of every epoch to the trial and asks the pruner (last in the callback list)."""
-
-    name = "optuna"
-
-    def __init__(self, trial: optuna.trial.Trial, metric: str, start_epoch: int, maximize: bool) -> None:
-        self.trial, self.metric, self.start_epoch, self.maximize = trial, metric, start_epoch, maximize
-        self.values: list[float] = []
-
-    def on_epoch_end(self, event: EpochEnd) -> None:
-        if self.metric not in event.metrics:
-            raise InputError(f"metric {self.metric!r} is not reported by the stage (have: "
-                             f"{', '.join(sorted(event.metrics)[:12])}...)")
-        value = float(event.metrics[self.metric])
-        if not math.isfinite(value):
-            raise DivergenceError(Divergence(event.epoch, -1, f"non-finite {self.metric}", value))
-        step = event.epoch - self.start_epoch
-        self.trial.report(value, step)
-        self.values.append(value)
-        self.trial.set_user_attr("epochs_done", step + 1)
-        if self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {event.epoch}: {self.metric}={value:.5g}")
-
-    def best(self) -> float | None:
-        if not self.values:
-            return None
-        return max(self.values) if self.maximize else min(self.values)
-
-
-@dataclass
-class TuneSession:
-    """Everything a worker needs to run trials of one study.
-
-    Attributes:
-        cfg: the tune configuration.
-        study_name: the study.
-        layers: the base stage with ``fixed``, ``trial_only`` and ``--set``.
-        space: the prepared search space.
-        budget_bytes: memory budget (None: no prediction check).
-        probe_input: the largest training input.
-        predictor: the memory predictor (cached per model configuration).
-        output_root: folder of the trial outputs.
-        tracker: MLflow tracking, or None.
-        extra_callbacks: more engine callbacks for every trial (tests, custom reporting).
-        start_epoch: the base stage's first epoch (a trial trains ``epochs_per_trial`` from there).
-    """
-
-    cfg: TuneConfig
-    study_name: str
-    layers: StageLayers
-    space: SearchSpace
-    budget_bytes: int | None
-    probe_input: ProbeInput
-    predictor: MemoryPredictor
-    output_root: Path
-    tracker: StudyTracker | None = None
-    extra_callbacks: list[Callback] = field(default_factory=list)
-    start_epoch: int = 0
-
-    def trial_dir(self, number: int) -> Path:
-        """The output folder of trial ``number``."""
-        return self.output_root / f"trial_{number:04d}"
-
-    def trial_stage(self, trial: optuna.trial.Trial) -> tuple[StageConfig, dict[str, Any], dict[str, Any]]:
-        """The trial's stage: sampled values, then its epochs, folder, start point and seeds.
-
-        Returns:
-            ``(config, resolved config, sampled values by dotted key)``.
-        """
-        params = self.space.sample(trial)
-        origin = trial.user_attrs.get(ORIGIN_ATTR)
-        if origin is None:
-            origin = trial.number
-            trial.set_user_attr(ORIGIN_ATTR, origin)
-        items = list(params.items()) + [
-            ("train.epochs", self.start_epoch + self.cfg.epochs_per_trial),
-            ("output.dir", str(self.trial_dir(trial.number))),
-            ("init_from", self.cfg.init_from),
-        ]
-        if self.cfg.seed_per_trial:
-            items += [("seed", derive_seed(self.cfg.seed, "trial", int(origin), "stage") % 2**31),
-                      ("model.seed", derive_seed(self.cfg.seed, "trial", int(origin), "model") % 2**31)]
-        cfg, resolved = self.layers.build(items)
-        return cfg, resolved, params
-
-    def predict(self, trial: optuna.trial.Trial) -> MemoryPrediction:
-        """The trial's predicted peak memory (no training)."""
-        cfg, _, _ = self.trial_stage(trial)
-        inp = ProbeInput(self.probe_input.coils, self.probe_input.height, self.probe_input.width,
-                         cfg.train.batch_size)
-        return self.predictor.predict(cfg, inp, self.budget_bytes)
-
-    def train(self, trial: optuna.trial.Trial) -> float:
-        """Train the trial's stage; returns the best epoch's metric."""
-        cfg, resolved, _ = self.trial_stage(trial)
-        trial.set_user_attr("seed", cfg.seed)
-        seed_everything(cfg.seed, cfg.deterministic)  # the trial is an entry point: global RNGs seeded once
-        reporter = _Reporter(trial, self.cfg.metric, cfg.train.start_epoch, self.cfg.direction == "maximize")
-        callbacks: list[Callback] = [ConsoleCallback()]
-        if self.tracker is not None:
-            callbacks.append(self.tracker.trial_callback(trial))
-        callbacks += [*self.extra_callbacks, reporter]
-        run_stage(cfg, resolved, CallbackList(callbacks))
-        value = reporter.best()
-        if value is None:
-            raise RuntimeError(f"trial {trial.number}: the stage reported no epoch")
-        return value
-
-    def after_trial(self, trial: optuna.trial.Trial) -> None:
-        """Delete the trial's checkpoints unless they are kept."""
-        if not self.cfg.keep_checkpoints:
-            shutil.rmtree(self.trial_dir(trial.number) / "checkpoints", ignore_errors=True)
-
-    def objective(self) -> Callable[[optuna.trial.Trial], float]:
-        """The guarded objective (prediction, OOM, divergence, errors)."""
-        return guard_objective(self.train, predict=self.predict, budget_bytes=self.budget_bytes,
-                               after_trial=self.after_trial)
-
-    def optimize(self, study: optuna.Study, n_trials: int | None, timeout: float | None) -> None:
-        """Run trials of ``study`` in this process until ``n_trials`` or ``timeout``."""
-        callbacks = [self.tracker.on_trial_done] if self.tracker is not None else []
-        # gc_after_trial is not needed: the guard collects (and empties the CUDA cache) after every trial that
-        # trained, once the trial's exception and frames are gone
-        study.optimize(self.objective(), n_trials=n_trials, timeout=timeout, catch=CATCH, callbacks=callbacks,
-                       gc_after_trial=False)
-        release_memory()
-
-
-def device_for_probe(cfg: TuneConfig, stage: StageConfig) -> str:
-    """``cuda`` to measure a step on the GPU, ``cpu`` for the meta-device estimate."""
-    if cfg.probe_device != "auto":
-        return cfg.probe_device
-    return "cuda" if select_device(stage.train.device).type == "cuda" else "cpu"
-
-
-def largest_training_input(stage: StageConfig) -> ProbeInput:
-    """The largest k-space (by coils x rows x columns) among the stage's training files."""
-    from recon.data.layout import data_fingerprint, discover_split
-
-    root = Path(stage.data.root)
-    splits = list(stage.data.train_splits) + ([stage.data.val_split] if stage.data.use_val_for_final else [])
-    hint = "the memory probe needs the training data, or set probe_input in the tune file"
-    pairs = [p for split in splits for p in discover_split(root, split, hint)]
-    shapes = [tuple(f["kspace"]["keys"]["kspace"]["shape"]) for f in data_fingerprint(pairs)["files"]]
-    if not shapes:
-        raise InputError(f"{root}: no training files found for the memory probe")
-    _, coils, height, width = max(shapes, key=lambda s: s[1] * s[2] * s[3])
-    return ProbeInput(int(coils), int(height), int(width), stage.train.batch_size)
-
-
-def cap_cuda_memory(budget_bytes: int | None, stage: StageConfig) -> float | None:
-    """On CUDA, limit this process's allocator to the budget (as on an 8 GB card); returns the fraction set."""
-    import torch
-
-    if budget_bytes is None or select_device(stage.train.device).type != "cuda":
-        return None
-    device = torch.device("cuda", torch.cuda.current_device())
-    total = torch.cuda.get_device_properties(device).total_memory
-    fraction = min(1.0, budget_bytes / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
-    log.info("CUDA allocator capped at %s of %s (fraction %.4f)", format_bytes(budget_bytes),
-             format_bytes(total), fraction)
-    return fraction
-
-
 # ----- a whole invocation ---------------------------------------------------------------------------------------
 @dataclass
 class TuneOptions:
@@ -461,7 +293,6 @@ def prepare(options: TuneOptions, create_run: bool = True) -> Prepared:
     """
     from recon.config import flatten, to_dict
     from tracking.runs.stores import default_optuna_storage, redact_uri
-    from tracking.tune.config import load_tune_config, parse_bytes, stage_layers, study_name_of
 
     cfg, base_path = load_tune_config(options.tune_file)
     name = options.study or study_name_of(cfg, options.tune_file)

@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from recon.events import Callback, StageEnd
 from tracking.tune.oom import PRUNE_REASON
-from tracking.tune.config import SearchSpace
+from tracking.tune.space import SearchSpace
 
 log = logging.getLogger(__name__)
 

@@ -23,15 +23,9 @@ from recon.errors import InputError
 from recon.models.experts import MixtureOfExperts
 from recon.models.config import PromptMRConfig
 from recon.models.promptmr import PromptMR
-from tracking.registry.versions import (
-    WEIGHTS_FILE,
-    get_version_info,
-    list_versions,
-    load_version,
-    parse_model_ref,
-    register_stage,
-    weights_digest,
-)
+from tracking.registry.artifact import WEIGHTS_FILE, weights_digest
+from tracking.registry.loader import load_version
+from tracking.registry.versions import get_version_info, list_versions, parse_model_ref, register_stage
 from tracking.runs.stores import Stores, get_or_create_experiment, make_client
 
 REPO = Path(__file__).resolve().parents[3]
@@ -116,7 +110,8 @@ def test_register_under_stage_run_and_load_in_fresh_process(tmp_path: Path, home
 
     # a fresh interpreter loads the version through the registry alone
     code = (
-        "import json, sys; from tracking.registry.versions import load_version, weights_digest; "
+        "import json, sys; from tracking.registry.loader import load_version; "
+        "from tracking.registry.artifact import weights_digest; "
         f"m, p = load_version('models:/smartify-hacker/{info.version}'); "
         "print(json.dumps({'cls': type(m).__name__, 'digest': weights_digest(m.state_dict()), "
         "'experts': list(m.names), 'training': m.training, 'uri': p['registry']['uri']}))"

@@ -23,7 +23,8 @@ from recon.errors import InputError
 from recon.events import Callback, EpochEnd
 from tracking.tune.oom import CATCH, OOM, OOM_PREDICTED, PRUNE_REASON, guard_objective
 from tracking.tune.study import TuneOptions, make_sampler, run_tune
-from tracking.tune.config import SearchSpace, load_tune_config, parse_bytes, stage_layers, valid_reductions
+from tracking.tune.config import load_tune_config, parse_bytes
+from tracking.tune.space import SearchSpace, stage_layers, valid_reductions
 
 ROOT = Path(__file__).resolve().parents[3]
 TINY_TUNE = ROOT / "experiments" / "tiny" / "tune.yaml"
@@ -154,7 +155,7 @@ def test_sampler_draws_depend_on_study_seed_and_trial_number_only():
 
 # ----- OOM, divergence, errors --------------------------------------------------------------------------------
 def test_moe_prediction_adds_the_idle_experts_weights_and_optimizer_state(tiny_data):
-    from tracking.tune.oom import MemoryPredictor, ProbeInput
+    from tracking.tune.memory import MemoryPredictor, ProbeInput
 
     base, _ = load_stage_config(TINY_BASE, [f"data.root={tiny_data}"])
     moe, _ = load_stage_config(ROOT / "experiments" / "tiny" / "hacker_moe.yaml", [f"data.root={tiny_data}"])

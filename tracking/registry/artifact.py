@@ -1,0 +1,136 @@
+"""The files of a registered version, written from a stage checkpoint, and the hashes that identify them.
+
+A version's files are artifacts of the stage's MLflow run, under
+``registry/<name>/<stage>-e<epoch>-<digest12>/`` (:func:`export_version_files`)::
+
+    weights.pt           a smartify checkpoint stripped to weights + configs: no optimizer, no RNG
+    config.yaml          the resolved stage configuration (for people; weights.pt carries it too)
+    model_config.json    the network configuration
+    smartify-model.json  format, kind, stage, epoch, experts, score, sha256 of weights.pt, loader
+
+:func:`weights_digest` hashes the tensors themselves (independent of the file format), :func:`file_sha256`
+the file; the first makes registration idempotent, the second lets the loader (:mod:`tracking.registry.loader`)
+refuse a corrupt copy. :func:`validation_score` and :func:`validation_protocol` read what the weights scored,
+and on what, from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from recon.engine.checkpoint import save_checkpoint
+
+ARTIFACT_FORMAT = "smartify.registered/1"
+WEIGHTS_FILE = "weights.pt"
+CONFIG_FILE = "config.yaml"
+MODEL_CONFIG_FILE = "model_config.json"
+DESCRIPTION_FILE = "smartify-model.json"
+# Keys of a checkpoint that a registered version keeps (no optimizer state, no RNG streams).
+_KEEP = ("kind", "stage", "family", "epoch", "config", "model_config", "experts", "model", "best_metric",
+         "best_epoch", "metrics", "tracking", "versions")
+
+
+def validation_score(payload: dict[str, Any]) -> tuple[str, float | None]:
+    """The validation score of exactly these weights.
+
+    ``best_metric`` when the checkpoint is the best epoch (``best.pt``); otherwise the epoch's own
+    ``val/ssim`` (``val/accuracy``) from ``metrics`` (a ``last.pt`` whose epoch was not the best).
+
+    Args:
+        payload: a checkpoint dictionary.
+
+    Returns:
+        ``(metric, score)``: metric is ``ssim`` or ``accuracy``; score None when unknown.
+    """
+    metric = "accuracy" if payload["kind"] == "classifier" else "ssim"
+    best, best_epoch = payload.get("best_metric"), payload.get("best_epoch")
+    if best is not None and (best_epoch is None or int(best_epoch) == int(payload["epoch"])):
+        value = float(best)
+        return metric, value if value > float("-inf") else None
+    own = (payload.get("metrics") or {}).get(f"val/{metric}")
+    return metric, float(own) if own is not None else None
+
+
+def validation_protocol(payload: dict[str, Any]) -> str:
+    """What the validation score was computed on, beyond the data itself.
+
+    Args:
+        payload: a checkpoint dictionary.
+
+    Returns:
+        e.g. ``split=val;max_slices=None;trained_on_val=False`` (the classifier: its own
+        ``val_split``).
+    """
+    config = payload.get("config") or {}
+    data = config.get("data") or {}
+    if payload["kind"] == "classifier":
+        split = (config.get("classifier") or {}).get("val_split", data.get("val_split"))
+        return f"split={split}"
+    # a stage that trained on its validation split (use_val_for_final) has a score that is not comparable
+    trained_on_val = bool(data.get("use_val_for_final", False))
+    return f"split={data.get('val_split')};max_slices={data.get('max_val_slices')};trained_on_val={trained_on_val}"
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """A content hash of a state dict (names, dtypes, shapes and values; independent of file format).
+
+    Args:
+        state: the weights.
+
+    Returns:
+        sha256 hex digest.
+    """
+    h = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{key}|{state[key].dtype}|{tuple(state[key].shape)}|".encode())
+        h.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return h.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex digest of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_version_files(payload: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+    """Write the files of a registered version (see module docstring) into ``folder``.
+
+    Args:
+        payload: a checkpoint dictionary (from :func:`recon.engine.checkpoint.load_checkpoint`).
+        folder: destination (created).
+
+    Returns:
+        The description written to ``smartify-model.json``.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stripped = {key: payload[key] for key in _KEEP if key in payload}
+    stripped["optimizer"] = None
+    weights = save_checkpoint(folder / WEIGHTS_FILE, stripped)
+    (folder / CONFIG_FILE).write_text(yaml.safe_dump(payload["config"], sort_keys=False))
+    (folder / MODEL_CONFIG_FILE).write_text(json.dumps(payload["model_config"], indent=2, default=list) + "\n")
+    metric, score = validation_score(payload)
+    description = {
+        "format": ARTIFACT_FORMAT,
+        "loader": "tracking.registry.loader.load_version (torch.load weights_only=True, "
+                  "recon.engine.checkpoint.build_model)",
+        "kind": payload["kind"], "stage": payload.get("stage"), "family": payload.get("family"),
+        "epoch": int(payload["epoch"]), "experts": list(payload.get("experts") or []),
+        "val_metric": metric, "val_score": score,
+        "weights_file": WEIGHTS_FILE, "weights_sha256": file_sha256(weights),
+        "weights_digest": weights_digest(payload["model"]),
+        "versions": dict(payload.get("versions") or {}),
+    }
+    (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
+    return description

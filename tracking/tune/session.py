@@ -1,0 +1,177 @@
+"""One trial of a study: its stage, its training with per-epoch reports to the pruner, and its guard.
+
+A trial samples the search space (:mod:`tracking.tune.space`), builds its stage (the base stage, ``fixed``,
+``trial_only``, ``--set``, the sampled values, then its own epochs, output folder and seeds), predicts its
+peak memory (:mod:`tracking.tune.memory`) and trains ``epochs_per_trial`` epochs, reporting the metric every
+epoch to the pruner. :func:`tracking.tune.oom.guard_objective` turns predicted and real OOM and divergence into
+PRUNED trials with a ``prune_reason``, and records other errors.
+
+With ``seed_per_trial`` each trial's stage and model seeds derive from (study seed, original trial number)
+(a retried trial keeps the seeds of the trial it repeats). The objective never draws from global RNGs; it
+seeds them once per trial at its start, as the ``train`` entry point does.
+
+The stage itself runs in one place, :func:`run_trial_stage`.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+
+from recon.engine.stage import StageConfig
+from recon.engine.trainer import DivergenceError, run_stage
+from recon.errors import InputError
+from recon.events import Callback, CallbackList, ConsoleCallback, Divergence, EpochEnd
+from recon.seeding import derive_seed, seed_everything
+from tracking.tune.config import TuneConfig
+from tracking.tune.memory import MemoryPrediction, MemoryPredictor, ProbeInput, release_memory
+from tracking.tune.oom import CATCH, guard_objective
+from tracking.tune.space import SearchSpace, StageLayers
+from tracking.tune.study_runs import StudyTracker
+
+#: trial user attribute: the number of the trial whose seeds this one uses (itself, or the trial it retries)
+ORIGIN_ATTR = "origin_trial"
+
+
+def run_trial_stage(cfg: StageConfig, resolved: dict[str, Any], callbacks: CallbackList) -> None:
+    """Train a trial's stage with its callbacks (the one place a trial calls the engine).
+
+    Args:
+        cfg: the trial's typed stage.
+        resolved: the stage as plain data (what the stage records as its configuration).
+        callbacks: the trial's callbacks, the pruner's reporter last.
+    """
+    run_stage(cfg, resolved, callbacks)
+
+
+class _Reporter(Callback):
+    """Reports the metric of every epoch to the trial and asks the pruner (last in the callback list)."""
+
+    name = "optuna"
+
+    def __init__(self, trial: optuna.trial.Trial, metric: str, start_epoch: int, maximize: bool) -> None:
+        self.trial, self.metric, self.start_epoch, self.maximize = trial, metric, start_epoch, maximize
+        self.values: list[float] = []
+
+    def on_epoch_end(self, event: EpochEnd) -> None:
+        if self.metric not in event.metrics:
+            raise InputError(f"metric {self.metric!r} is not reported by the stage (have: "
+                             f"{', '.join(sorted(event.metrics)[:12])}...)")
+        value = float(event.metrics[self.metric])
+        if not math.isfinite(value):
+            raise DivergenceError(Divergence(event.epoch, -1, f"non-finite {self.metric}", value))
+        step = event.epoch - self.start_epoch
+        self.trial.report(value, step)
+        self.values.append(value)
+        self.trial.set_user_attr("epochs_done", step + 1)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {event.epoch}: {self.metric}={value:.5g}")
+
+    def best(self) -> float | None:
+        if not self.values:
+            return None
+        return max(self.values) if self.maximize else min(self.values)
+
+
+@dataclass
+class TuneSession:
+    """Everything a worker needs to run trials of one study.
+
+    Attributes:
+        cfg: the tune configuration.
+        study_name: the study.
+        layers: the base stage with ``fixed``, ``trial_only`` and ``--set``.
+        space: the prepared search space.
+        budget_bytes: memory budget (None: no prediction check).
+        probe_input: the largest training input.
+        predictor: the memory predictor (cached per model configuration).
+        output_root: folder of the trial outputs.
+        tracker: MLflow tracking, or None.
+        extra_callbacks: more engine callbacks for every trial (tests, custom reporting).
+        start_epoch: the base stage's first epoch (a trial trains ``epochs_per_trial`` from there).
+    """
+
+    cfg: TuneConfig
+    study_name: str
+    layers: StageLayers
+    space: SearchSpace
+    budget_bytes: int | None
+    probe_input: ProbeInput
+    predictor: MemoryPredictor
+    output_root: Path
+    tracker: StudyTracker | None = None
+    extra_callbacks: list[Callback] = field(default_factory=list)
+    start_epoch: int = 0
+
+    def trial_dir(self, number: int) -> Path:
+        """The output folder of trial ``number``."""
+        return self.output_root / f"trial_{number:04d}"
+
+    def trial_stage(self, trial: optuna.trial.Trial) -> tuple[StageConfig, dict[str, Any], dict[str, Any]]:
+        """The trial's stage: sampled values, then its epochs, folder, start point and seeds.
+
+        Returns:
+            ``(config, resolved config, sampled values by dotted key)``.
+        """
+        params = self.space.sample(trial)
+        origin = trial.user_attrs.get(ORIGIN_ATTR)
+        if origin is None:
+            origin = trial.number
+            trial.set_user_attr(ORIGIN_ATTR, origin)
+        items = list(params.items()) + [
+            ("train.epochs", self.start_epoch + self.cfg.epochs_per_trial),
+            ("output.dir", str(self.trial_dir(trial.number))),
+            ("init_from", self.cfg.init_from),
+        ]
+        if self.cfg.seed_per_trial:
+            items += [("seed", derive_seed(self.cfg.seed, "trial", int(origin), "stage") % 2**31),
+                      ("model.seed", derive_seed(self.cfg.seed, "trial", int(origin), "model") % 2**31)]
+        cfg, resolved = self.layers.build(items)
+        return cfg, resolved, params
+
+    def predict(self, trial: optuna.trial.Trial) -> MemoryPrediction:
+        """The trial's predicted peak memory (no training)."""
+        cfg, _, _ = self.trial_stage(trial)
+        inp = ProbeInput(self.probe_input.coils, self.probe_input.height, self.probe_input.width,
+                         cfg.train.batch_size)
+        return self.predictor.predict(cfg, inp, self.budget_bytes)
+
+    def train(self, trial: optuna.trial.Trial) -> float:
+        """Train the trial's stage; returns the best epoch's metric."""
+        cfg, resolved, _ = self.trial_stage(trial)
+        trial.set_user_attr("seed", cfg.seed)
+        seed_everything(cfg.seed, cfg.deterministic)  # the trial is an entry point: global RNGs seeded once
+        reporter = _Reporter(trial, self.cfg.metric, cfg.train.start_epoch, self.cfg.direction == "maximize")
+        callbacks: list[Callback] = [ConsoleCallback()]
+        if self.tracker is not None:
+            callbacks.append(self.tracker.trial_callback(trial))
+        callbacks += [*self.extra_callbacks, reporter]
+        run_trial_stage(cfg, resolved, CallbackList(callbacks))
+        value = reporter.best()
+        if value is None:
+            raise RuntimeError(f"trial {trial.number}: the stage reported no epoch")
+        return value
+
+    def after_trial(self, trial: optuna.trial.Trial) -> None:
+        """Delete the trial's checkpoints unless they are kept."""
+        if not self.cfg.keep_checkpoints:
+            shutil.rmtree(self.trial_dir(trial.number) / "checkpoints", ignore_errors=True)
+
+    def objective(self) -> Callable[[optuna.trial.Trial], float]:
+        """The guarded objective (prediction, OOM, divergence, errors)."""
+        return guard_objective(self.train, predict=self.predict, budget_bytes=self.budget_bytes,
+                               after_trial=self.after_trial)
+
+    def optimize(self, study: optuna.Study, n_trials: int | None, timeout: float | None) -> None:
+        """Run trials of ``study`` in this process until ``n_trials`` or ``timeout``."""
+        callbacks = [self.tracker.on_trial_done] if self.tracker is not None else []
+        # gc_after_trial is not needed: the guard collects (and empties the CUDA cache) after every trial that
+        # trained, once the trial's exception and frames are gone
+        study.optimize(self.objective(), n_trials=n_trials, timeout=timeout, catch=CATCH, callbacks=callbacks,
+                       gc_after_trial=False)
+        release_memory()
