@@ -202,6 +202,7 @@ class PipelineRunner:
                           detail=f"study {result.study if result else '?'}: {counts}")
 
     def promote(self, step: Step) -> StepResult:
+        """Gated promotion of the version an earlier step registered (a refusal is a result, not an error)."""
         from tracking.registry.promotion import promote
 
         t0 = time.perf_counter()
@@ -213,6 +214,7 @@ class PipelineRunner:
                           detail=outcome.message, version=f"{info.name} v{info.version} @{step.alias}")
 
     def submit(self, step: Step, parent_id: str) -> tuple[StepResult, dict[str, Any]]:
+        """Reconstruct the leaderboard with the ``champion`` models, evaluate it and the baselines."""
         from tracking.registry.submission import submit
 
         t0 = time.perf_counter()
@@ -231,6 +233,7 @@ class PipelineRunner:
 
     # ----------------------------------------------------------------- run
     def run(self) -> PipelineResult:
+        """The synthetic data if asked, then every step in order under one parent MLflow run."""
         t0 = time.perf_counter()
         if self.cfg.synth is not None and not (self.data_root / "train").is_dir():
             from recon.data.synth import write_dataset

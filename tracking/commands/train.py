@@ -29,6 +29,7 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``train`` parser."""
     p = sub.add_parser("train", help="run a training stage", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run one training stage from a stage YAML file.")

@@ -105,7 +105,7 @@ class TrackingWriter:
         self._spooled_artifacts: dict[tuple[str, str], Path] = {}
 
     @property
-    def client(self):
+    def client(self) -> Any:
         """The MLflow client (created on first use)."""
         if self._client is None:
             self._client = make_client(self.stores)
@@ -150,7 +150,7 @@ class TrackingWriter:
         self._offline_until = 0.0
         self._backoff = self._retry_after
 
-    def call(self, fn, *args, **kwargs) -> tuple[bool, Any]:
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, Any]:
         """Run a read-only client call unless offline; returns ``(ok, result)``, never raises on transient errors."""
         if not self.online:
             return False, None
@@ -345,6 +345,7 @@ class Replayer:
         self._run_data: dict[str, Any] = {}
 
     def run(self) -> ReplayStats:
+        """One pass over every spool key; returns what it did."""
         for key in self.w.spool.keys():
             self._replay_key(key)
         return self.stats
@@ -459,7 +460,7 @@ class Replayer:
         return new
 
 
-def replay_spool(stores: Stores, spool_dir: str | Path | None = None, client=None) -> ReplayStats:
+def replay_spool(stores: Stores, spool_dir: str | Path | None = None, client: Any = None) -> ReplayStats:
     """Replay every pending spooled record for ``stores``' tracking URI (``smartify tracking sync``).
 
     Args:
