@@ -22,6 +22,7 @@ from recon.engine.trainer import DivergenceError, run_stage
 from recon.errors import InputError
 from recon.events import Callback, CallbackList, ConsoleCallback
 from recon.seeding import seed_everything
+from tracking.runs import RUN_ID_KEY
 
 if TYPE_CHECKING:  # only for annotations: the registry and the MLflow adapter load when used
     from tracking.registry.versions import ModelVersionInfo
@@ -133,8 +134,6 @@ def stage_callbacks(
 
 
 def _run_id(callbacks: Sequence[Callback]) -> str | None:
-    from tracking.runs.callback import RUN_ID_KEY
-
     for callback in callbacks:
         run_id = callback.state_dict().get(RUN_ID_KEY)
         if run_id:

@@ -9,7 +9,7 @@ import torch
 
 from recon.engine.trainer import DivergenceError
 from recon.events import Callback, Divergence, EpochEnd
-from tracking.runs.callback import RUN_ID_KEY
+from tracking.runs import RUN_ID_KEY
 from tracking.train import StageTracking, run_tracked_stage
 
 TINY = Path(__file__).resolve().parents[2] / "experiments" / "tiny"

@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 from recon.config import dump_yaml, flatten
 from recon.events import Callback, CheckpointSaved, Divergence, EpochEnd, StageEnd, StageStart
-from tracking.runs import plots
+from tracking.runs import RUN_ID_KEY, plots
 from tracking.runs.environment import environment_tags, git_state
 from tracking.runs.stores import Stores, resolve_stores
 from tracking.runs.transport import MAX_TAG_VALUE
@@ -36,9 +36,6 @@ MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
 MAX_KEY = 250  # MLflow's limit on a param, tag or metric name
 STATUS = {"finished": "FINISHED", "diverged": "FAILED", "failed": "FAILED", "killed": "KILLED", "interrupted": "KILLED"}
 CURVE_PREFIXES = ("train/", "val/", "best_")
-#: The one name of the stage's MLflow run id on the tracking side: the key of :meth:`MLflowCallback.state_dict`
-#: (stored under the callback's name in every checkpoint, so ``--resume`` reopens the run).
-RUN_ID_KEY = "mlflow_run_id"
 
 
 def mlflow_key(name: str) -> str:
