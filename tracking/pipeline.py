@@ -27,13 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from recon.config import from_dict, load_yaml_layers
-from recon.engine.stage import load_stage_config
-from recon.engine.trainer import DivergenceError, run_stage
 from recon.errors import InputError
-from recon.events import CallbackList, ConsoleCallback
-from recon.seeding import seed_everything
-from tracking.runs.callback import MLflowCallback, parent_run
+from tracking.runs.callback import parent_run
 from tracking.runs.stores import Stores, resolve_stores
+from tracking.train import StageTracking, run_tracked_stage
 
 log = logging.getLogger(__name__)
 
@@ -169,25 +166,21 @@ class PipelineRunner:
         raise InputError(f"init_from {ref!r}: neither an earlier step nor an existing path")
 
     def train(self, step: Step, parent_id: str) -> StepResult:
-        cfg, resolved = load_stage_config(self.base_dir / str(step.train), self._stage_overrides(step))
-        seed_everything(cfg.seed, cfg.deterministic)
-        tracker = MLflowCallback(self.stores, experiment=self.cfg.experiment, parent_run_id=parent_id,
-                                 run_name=step.name, extra_tags={"smartify.pipeline": self.cfg.name})
-        t0 = time.perf_counter()
-        try:
-            end = run_stage(cfg, resolved, CallbackList([ConsoleCallback(), tracker]),
-                            init_from=self._resolve_init(step.init_from))
-        except DivergenceError as exc:
-            return StepResult(step.name, "train", "diverged", time.perf_counter() - t0, detail=str(exc))
-        self.outputs[step.name] = end.output_dir
-        result = StepResult(step.name, "train", end.status, time.perf_counter() - t0, end.best_metric,
-                            run_id=tracker.state_dict().get("mlflow_run_id"))
-        if step.register and end.best_path is not None:
-            from tracking.registry.versions import register_stage
-
-            info = register_stage(end.best_path, stores=self.stores, experiment=self.cfg.experiment)
-            self.versions[step.name] = info
-            result.version = f"{info.name} v{info.version}"
+        """One tracked stage nested under the pipeline run (:func:`tracking.train.run_tracked_stage`)."""
+        tracking = StageTracking(self.cfg.experiment, parent_run_id=parent_id, run_name=step.name,
+                                 extra_tags={"smartify.pipeline": self.cfg.name})
+        outcome = run_tracked_stage(self.base_dir / str(step.train), self._stage_overrides(step),
+                                    init_from=self._resolve_init(step.init_from), tracking=tracking,
+                                    stores=self.stores, register=step.register,
+                                    register_experiment=self.cfg.experiment)
+        if outcome.status == "diverged":
+            return StepResult(step.name, "train", "diverged", outcome.seconds, detail=outcome.error)
+        self.outputs[step.name] = outcome.output_dir
+        result = StepResult(step.name, "train", outcome.status, outcome.seconds, outcome.best_metric,
+                            run_id=outcome.run_id)
+        if outcome.version is not None:
+            self.versions[step.name] = outcome.version
+            result.version = f"{outcome.version.name} v{outcome.version.version}"
         return result
 
     def tune(self, step: Step, parent_id: str) -> StepResult:
@@ -209,6 +202,7 @@ class PipelineRunner:
                           detail=f"study {result.study if result else '?'}: {counts}")
 
     def promote(self, step: Step) -> StepResult:
+        """Gated promotion of the version an earlier step registered (a refusal is a result, not an error)."""
         from tracking.registry.promotion import promote
 
         t0 = time.perf_counter()
@@ -220,6 +214,7 @@ class PipelineRunner:
                           detail=outcome.message, version=f"{info.name} v{info.version} @{step.alias}")
 
     def submit(self, step: Step, parent_id: str) -> tuple[StepResult, dict[str, Any]]:
+        """Reconstruct the leaderboard with the ``champion`` models, evaluate it and the baselines."""
         from tracking.registry.submission import submit
 
         t0 = time.perf_counter()
@@ -238,6 +233,7 @@ class PipelineRunner:
 
     # ----------------------------------------------------------------- run
     def run(self) -> PipelineResult:
+        """The synthetic data if asked, then every step in order under one parent MLflow run."""
         t0 = time.perf_counter()
         if self.cfg.synth is not None and not (self.data_root / "train").is_dir():
             from recon.data.synth import write_dataset

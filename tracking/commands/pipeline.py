@@ -33,11 +33,13 @@ def _run(path: Path, overrides: dict, device: str | None) -> int:
 
 
 def run_pipeline(args: argparse.Namespace) -> int:
+    """``smartify pipeline FILE``: run the file's steps; exit code 1 when a step failed or diverged."""
     overrides = dict(parse_overrides(args.overrides))
     return _run(Path(args.file), overrides, args.device)
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """``smartify demo``: the demo pipeline on synthetic data (``--preset``, ``--workdir``)."""
     overrides: dict = {"workdir": args.workdir}
     if args.preset != "tiny":
         overrides["synth"] = {"preset": args.preset, "seed": 0, "grappa": "numpy"}
@@ -46,6 +48,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``pipeline`` and ``demo`` parsers."""
     p = sub.add_parser("pipeline", help="run a pipeline file (stages, tuning, promotion, submission)",
                        epilog=PIPELINE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", help="pipeline YAML (experiments/pipeline.yaml, experiments/demo.yaml)")

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tracking.runs.spool import replay_spool, spool_summary
+from tracking.runs.spool import spool_summary
 from tracking.runs.stores import apply_http_defaults, resolve_stores
+from tracking.runs.writer import replay_spool
 
 EPILOG = """examples:
   smartify tracking info

@@ -8,11 +8,8 @@ import os
 import sys
 
 from recon.engine import distributed
-from recon.engine.stage import load_stage_config
-from recon.engine.trainer import DivergenceError, run_stage
 from recon.errors import InputError
-from recon.events import ConsoleCallback
-from recon.seeding import seed_everything
+from tracking.train import DEFAULT_EXPERIMENT, StageTracking, run_tracked_stage
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +29,7 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    """Add the ``train`` parser."""
     p = sub.add_parser("train", help="run a training stage", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run one training stage from a stage YAML file.")
@@ -42,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "the configuration comes from the checkpoint, --set still applies")
     p.add_argument("--init-from", metavar="PATH", help="initialise weights only from another stage's checkpoint")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (console only)")
-    p.add_argument("--experiment", default="smartify", help="MLflow experiment name (default: smartify)")
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
+                   help=f"MLflow experiment name (default: {DEFAULT_EXPERIMENT})")
     p.add_argument("--parent-run-id", help="nest the stage's MLflow run under this run")
     p.add_argument("--register", action="store_true",
                    help="register the best model in the MLflow Model Registry after the stage")
@@ -50,34 +49,33 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="data-parallel ranks on this machine (gloo on CPU, nccl on GPUs): runs this command "
                         "as N processes that talk over 127.0.0.1 only; the global batch is N x train.batch_size")
     p.set_defaults(func=run)
-    global _PARSER
-    _PARSER = p
 
 
-_PARSER: argparse.ArgumentParser | None = None
+#: ``train`` options that take a value, as ``(flag, attribute)``: repeated in every rank when set
+_VALUE_OPTIONS = (("--resume", "resume"), ("--init-from", "init_from"), ("--parent-run-id", "parent_run_id"))
+#: ``train`` switches, as ``(flag, attribute)``: repeated in every rank when on
+_SWITCHES = (("--no-tracking", "no_tracking"), ("--register", "register"))
 
 
 def rank_argv(args: argparse.Namespace) -> list[str]:
-    """The ``smartify`` arguments that repeat this ``train`` command in every rank (without ``--nproc``)."""
-    if _PARSER is None:
-        raise RuntimeError("rank_argv before register")
+    """The ``smartify`` arguments that repeat this ``train`` command in every rank (without ``--nproc``).
+
+    Args:
+        args: the parsed ``train`` command.
+
+    Returns:
+        The arguments after ``smartify``: the global flags, ``train``, the stage file and every option
+        that was given (``--set`` items in their order, ``--experiment`` unless it is the default).
+    """
     argv = (["-v"] if getattr(args, "verbose", False) else []) + (["-q"] if getattr(args, "quiet", False) else [])
-    argv.append("train")
-    for action in _PARSER._actions:
-        if action.dest in ("help", "nproc") or not hasattr(args, action.dest):
-            continue
-        value = getattr(args, action.dest)
-        if not action.option_strings:
-            argv.append(str(value))
-            continue
-        opt = max(action.option_strings, key=len)
-        if isinstance(action, argparse._StoreConstAction):
-            if value != action.default:
-                argv.append(opt)
-        elif isinstance(action, argparse._AppendAction):
-            argv.extend(f"{opt}={v}" for v in value or [])
-        elif value is not None and value != action.default:
-            argv.append(f"{opt}={value}")
+    argv += ["train", str(args.config)]
+    argv += [f"--set={item}" for item in args.overrides]
+    for flag, name in _VALUE_OPTIONS:
+        if getattr(args, name) is not None:
+            argv.append(f"{flag}={getattr(args, name)}")
+    if args.experiment != DEFAULT_EXPERIMENT:
+        argv.append(f"--experiment={args.experiment}")
+    argv += [flag for flag, name in _SWITCHES if getattr(args, name)]
     return argv
 
 
@@ -92,45 +90,20 @@ def launch(args: argparse.Namespace) -> int:
     return distributed.launch_local(command, args.nproc)
 
 
-def build_callbacks(args: argparse.Namespace, stage_name: str):
-    """Console plus, unless ``--no-tracking``, the MLflow adapter."""
-    callbacks = [ConsoleCallback()]
-    # in a data-parallel run only rank 0 tracks (the engine calls callbacks on rank 0 only)
-    if not getattr(args, "no_tracking", False) and distributed.context().is_main:
-        from tracking.runs.callback import MLflowCallback
-        from tracking.runs.stores import resolve_stores
-
-        callbacks.append(MLflowCallback(resolve_stores(), experiment=args.experiment,
-                                        parent_run_id=getattr(args, "parent_run_id", None), run_name=stage_name))
-    from recon.events import CallbackList
-
-    return CallbackList(callbacks)
-
-
 def run(args: argparse.Namespace) -> int:
+    """Run the stage (or launch ``--nproc`` ranks of it); returns the exit code (3: the stage diverged)."""
     if getattr(args, "nproc", 1) != 1:
         return launch(args)
-    if args.resume:
-        from recon.engine.checkpoint import load_checkpoint
-
-        payload = load_checkpoint(args.resume, which="last")
-        cfg, resolved = load_stage_config(data=payload["config"], overrides=args.overrides)
-    else:
-        cfg, resolved = load_stage_config(args.config, overrides=args.overrides)
-    seed_everything(cfg.seed, cfg.deterministic)
-    callbacks = build_callbacks(args, cfg.stage.name)
-    try:
-        end = run_stage(cfg, resolved, callbacks, resume=args.resume, init_from=args.init_from)
-    except DivergenceError as exc:
-        log.error("%s", exc)
+    tracking = None if args.no_tracking else StageTracking(args.experiment, parent_run_id=args.parent_run_id)
+    outcome = run_tracked_stage(args.config, args.overrides, resume=args.resume, init_from=args.init_from,
+                                tracking=tracking, register=args.register)
+    if outcome.status == "diverged":
+        log.error("%s", outcome.error)
         return 3
     if not distributed.context().is_main:
         return 0
-    print(f"stage {cfg.stage.name}: {end.status}; best {end.best_metric} at epoch {end.best_epoch}; "
-          f"checkpoints in {end.output_dir / 'checkpoints'}")
-    if args.register and end.best_path is not None:
-        from tracking.registry.versions import register_stage
-
-        version = register_stage(end.best_path)
-        print(f"registered {version}")
+    print(f"stage {outcome.config.stage.name}: {outcome.status}; best {outcome.best_metric} at epoch "
+          f"{outcome.best_epoch}; checkpoints in {outcome.output_dir / 'checkpoints'}")
+    if outcome.version is not None:
+        print(f"registered {outcome.version}")
     return 0

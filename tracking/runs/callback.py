@@ -6,32 +6,29 @@ tags; one ``log_batch`` per epoch with ``step=epoch``; the resolved config, the 
 the best/last checkpoints and plots as artifacts. The run id is stored in every checkpoint
 (:meth:`MLflowCallback.state_dict`), so ``--resume`` reopens the same run: steps the run already
 has are not logged again and params keep their first value (a changed one is listed in the tag
-``resume.changed_params``). Every write goes through :class:`tracking.runs.spool.TrackingWriter`, so a
+``resume.changed_params``). Every write goes through :class:`tracking.runs.writer.TrackingWriter`, so a
 dead tracking server never stops training.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
-import platform
 import re
-import subprocess
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from recon import __version__ as smartify_version
 from recon.config import dump_yaml, flatten
-from recon.errors import InputError
 from recon.events import Callback, CheckpointSaved, Divergence, EpochEnd, StageEnd, StageStart
-from tracking.runs import plots
-from tracking.runs.spool import CHANGED_PARAMS_TAG, MAX_TAG_VALUE, TrackingWriter
-from tracking.runs.stores import Stores, repo_root, resolve_stores
+from tracking.runs import RUN_ID_KEY, plots
+from tracking.runs.environment import environment_tags, git_state
+from tracking.runs.stores import Stores, resolve_stores
+from tracking.runs.transport import MAX_TAG_VALUE
+from tracking.runs.writer import CHANGED_PARAMS_TAG, TrackingWriter
 
 log = logging.getLogger(__name__)
 
@@ -57,44 +54,6 @@ def param_value(value: Any) -> tuple[str, bool]:
     digest = hashlib.sha256(text.encode()).hexdigest()[:12]
     marker = f"...[truncated {len(text)} chars, sha256 {digest}; see config.yaml]"
     return text[: MAX_PARAM_VALUE - len(marker)] + marker, True
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def git_state() -> tuple[str, str]:
-    """``(commit, dirty)`` of the smartify checkout (``unknown`` outside a git checkout)."""
-    try:
-        root = repo_root()
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=20, check=True).stdout.strip()
-        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain"], capture_output=True, text=True,
-                                timeout=20, check=True).stdout
-    except (InputError, OSError, subprocess.SubprocessError) as exc:
-        log.debug("git state unknown: %s", exc)
-        return "unknown", "unknown"
-    return commit, "true" if status.strip() else "false"
-
-
-def environment_tags() -> dict[str, str]:
-    """Git commit and dirty flag, package and Python versions."""
-    commit, dirty = git_state()
-    tags = {"git.commit": commit, "git.dirty": dirty, "version.python": platform.python_version(),
-            "version.smartify": smartify_version}
-    if commit != "unknown":
-        tags["mlflow.source.git.commit"] = commit
-    for package in ("mlflow", "optuna", "numpy", "h5py"):
-        tags[f"version.{package}"] = _version(package)
-    import torch  # the build tag (+cu130, +cpu) and the CUDA/cuDNN versions are only known at runtime
-
-    tags["version.torch"] = torch.__version__
-    tags["version.cuda"] = str(torch.version.cuda)
-    tags["version.cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "None"
-    return tags
 
 
 def start_parent_run(
@@ -194,7 +153,7 @@ class MLflowCallback(Callback):
         tags = self._tags(event)
         if truncated:
             tags["smartify.truncated_params"] = ",".join(truncated)[:MAX_TAG_VALUE]
-        resume_id = event.resume_state.get("mlflow_run_id")
+        resume_id = event.resume_state.get(RUN_ID_KEY)
         if resume_id and self._resume(str(resume_id), event, params):
             return
         if resume_id:
@@ -274,7 +233,7 @@ class MLflowCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.run_id is None:
             return {}
-        return {"mlflow_run_id": self.writer.resolve(self.run_id) or self.run_id}
+        return {RUN_ID_KEY: self.writer.resolve(self.run_id) or self.run_id}
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -306,8 +265,8 @@ class MLflowCallback(Callback):
             tags["mlflow.parentRunId"] = self.parent_run_id
         if event.init_from:
             tags["smartify.init_from"] = str(event.init_from)
-        if event.init_from_state.get("mlflow_run_id"):
-            tags["smartify.init_from_run_id"] = str(event.init_from_state["mlflow_run_id"])
+        if event.init_from_state.get(RUN_ID_KEY):
+            tags["smartify.init_from_run_id"] = str(event.init_from_state[RUN_ID_KEY])
         tags.update(self.extra_tags)
         return {k: str(v)[:MAX_TAG_VALUE] for k, v in tags.items()}
 

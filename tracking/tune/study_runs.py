@@ -6,7 +6,7 @@ the study nests its trials under the same run. A trial that trains gets its run 
 until Optuna knows the trial's state, then it carries ``optuna.state``, ``smartify.prune_reason``,
 ``optuna.value`` and ends FINISHED (complete), KILLED (pruned) or FAILED. A trial that never trained (predicted
 OOM, a bad configuration) gets a short run with its params and tags. Optuna's own (deprecated) MLflow
-integration is not used: everything goes through :class:`tracking.runs.spool.TrackingWriter`, so a dead tracking
+integration is not used: everything goes through :class:`tracking.runs.writer.TrackingWriter`, so a dead tracking
 server never stops the study.
 """
 
@@ -75,7 +75,7 @@ class StudyTracker:
     """
 
     def __init__(self, stores, experiment: str, space: SearchSpace) -> None:
-        from tracking.runs.spool import TrackingWriter
+        from tracking.runs.writer import TrackingWriter
 
         self.stores = stores
         self.experiment = experiment

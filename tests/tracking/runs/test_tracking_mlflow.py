@@ -16,7 +16,7 @@ from mlflow.entities import Metric, Param
 
 from recon.events import CheckpointSaved, Divergence, EpochEnd, Panel, StageEnd, StageStart
 from tracking.runs.callback import MLflowCallback, mlflow_key, param_value, parent_run
-from tracking.runs.spool import TrackingWriter, is_placeholder, replay_spool, spool_summary
+from tracking.runs.spool import is_placeholder, spool_summary
 from tracking.runs.stores import (
     Stores,
     default_optuna_storage,
@@ -26,6 +26,7 @@ from tracking.runs.stores import (
     resolve_stores,
     sqlite_uri,
 )
+from tracking.runs.writer import TrackingWriter, replay_spool
 
 CONFIG = {
     "stage": {"name": "hacker_baseline", "kind": "baseline"},

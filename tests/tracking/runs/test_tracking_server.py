@@ -16,8 +16,9 @@ import torch
 
 from tests.tracking.runs.test_tracking_mlflow import artifact_paths, epoch_end, run_epochs, stage_end, stage_start, steps
 from tracking.runs.callback import MLflowCallback, start_parent_run
-from tracking.runs.spool import TrackingWriter, is_placeholder, replay_spool, spool_summary
+from tracking.runs.spool import is_placeholder, spool_summary
 from tracking.runs.stores import Stores, make_client, sqlite_uri
+from tracking.runs.writer import TrackingWriter, replay_spool
 
 pytestmark = pytest.mark.integration
 

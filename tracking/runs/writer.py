@@ -1,0 +1,475 @@
+"""Every tracking write goes through here, so that an unreachable server never stops training.
+
+:class:`TrackingWriter` sends each record (run creation, params/tags/metrics batch, artifact, run
+status) with MLflow's short HTTP retries (:func:`tracking.runs.stores.apply_http_defaults`). On a
+transient failure (connection refused, timeout, HTTP 5xx/429, a locked database) the record goes
+to the local spool (:mod:`tracking.runs.spool`) and the writer stays offline for a while (5 s,
+doubling up to 60 s): later writes go straight to the spool without touching the network. After
+that window, pending records are replayed in order before anything new is sent; ``smartify
+tracking sync`` calls :func:`replay_spool`. The replay (:class:`Replayer`) uses the writer's
+public methods only.
+
+Idempotence: metric rows keep their ``(key, value, timestamp, step)``; before a spooled batch is
+replayed, the ``(key, step)`` pairs the run already has are dropped, so nothing is logged twice even
+when a batch reached the server before its reply was lost. Params are only sent when absent (MLflow
+params are immutable; changed values are listed in the tag ``resume.changed_params``). Artifacts and
+tags overwrite. A run that cannot be created (server down at stage start) gets a placeholder id
+``local-<hex>``; the real run is created at replay and the spool's ``runs.json`` maps one to the other.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from tracking.runs.spool import PLACEHOLDER_PREFIX, Spool, is_placeholder
+from tracking.runs.stores import Stores, get_or_create_experiment, make_client, redact_uri
+from tracking.runs.transport import MAX_TAG_VALUE, MetricRow, is_refused, is_transient, send_record
+
+log = logging.getLogger(__name__)
+
+#: tags whose value is a run id (a placeholder there is replaced by the real id)
+RUN_ID_TAGS = ("mlflow.parentRunId", "smartify.init_from_run_id", "smartify.resumed_from_run_id")
+CHANGED_PARAMS_TAG = "resume.changed_params"
+
+
+class _Blocked(Exception):
+    """A record refers to a placeholder run that does not exist on the server yet."""
+
+
+@dataclass
+class ReplayStats:
+    """What a replay did.
+
+    Attributes:
+        runs: spool keys looked at.
+        sent: records applied on the server.
+        created: placeholder runs created.
+        skipped_metrics: metric values already on the server (not sent again).
+        superseded: spooled artifacts replaced by a later version of the same artifact.
+        rejected: records the server refused (kept in ``<key>.rejected.jsonl``).
+        pending: records still waiting (server unreachable, or another process replaying).
+        elsewhere: spool keys that belong to another tracking URI (left alone).
+    """
+
+    runs: int = 0
+    sent: int = 0
+    created: int = 0
+    skipped_metrics: int = 0
+    superseded: int = 0
+    rejected: int = 0
+    pending: int = 0
+    elsewhere: int = 0
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class TrackingWriter:
+    """Sends tracking records to MLflow, spooling what cannot be sent now (see module docstring).
+
+    Args:
+        stores: where to track.
+        spool_dir: spool folder (default ``stores.spool_dir``).
+        client: an ``MlflowClient`` for ``stores`` (made lazily if None).
+        retry_after: seconds without network attempts after a first failure (doubles per failure).
+        max_retry_after: upper bound of that window.
+        offline: never contact the server; everything is spooled for a later ``smartify tracking sync``
+            (e.g. compute nodes without access to the tracking server).
+    """
+
+    def __init__(
+        self,
+        stores: Stores,
+        spool_dir: str | Path | None = None,
+        client=None,
+        retry_after: float = 5.0,
+        max_retry_after: float = 60.0,
+        offline: bool = False,
+    ) -> None:
+        self.stores = stores
+        self.offline = offline
+        self.spool = Spool(spool_dir or stores.spool_dir)
+        self._client = client
+        self._uri = redact_uri(stores.tracking_uri)
+        self._retry_after = retry_after
+        self._max_retry_after = max_retry_after
+        self._backoff = retry_after
+        self._offline_until = 0.0
+        self._known: dict[str, str] = {}
+        self._spooled_artifacts: dict[tuple[str, str], Path] = {}
+
+    @property
+    def client(self) -> Any:
+        """The MLflow client (created on first use)."""
+        if self._client is None:
+            self._client = make_client(self.stores)
+        return self._client
+
+    @property
+    def uri(self) -> str:
+        """The tracking URI this writer sends to, credentials removed (also stamped on spooled records)."""
+        return self._uri
+
+    @property
+    def online(self) -> bool:
+        """False while the writer waits after a failure (records go straight to the spool), or when offline."""
+        return not self.offline and time.monotonic() >= self._offline_until
+
+    def resolve(self, run_id: str) -> str | None:
+        """The server's id of ``run_id`` (itself unless a placeholder); None if not created yet."""
+        if not is_placeholder(run_id):
+            return run_id
+        if run_id not in self._known:
+            real = self.spool.mapping().get(run_id)
+            if real is None:
+                return None
+            self._known[run_id] = real
+        return self._known[run_id]
+
+    def note_failure(self, exc: BaseException) -> None:
+        """A transient failure: stay offline for the current window, then double it (up to the maximum).
+
+        Args:
+            exc: the error of the failed call (its first line is logged).
+        """
+        log.warning(
+            "tracking server %s unreachable (%s); spooling to %s, next attempt in %.0f s",
+            self._uri, str(exc).splitlines()[0][:200], self.spool.dir, self._backoff,
+        )
+        self._offline_until = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, self._max_retry_after)
+
+    def note_success(self) -> None:
+        """The server answered: online again, and the next failure starts with the shortest window."""
+        self._offline_until = 0.0
+        self._backoff = self._retry_after
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[bool, Any]:
+        """Run a read-only client call unless offline; returns ``(ok, result)``, never raises on transient errors."""
+        if not self.online:
+            return False, None
+        try:
+            result = fn(*args, **kwargs)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self.note_failure(exc)
+            return False, None
+        self.note_success()
+        return True, result
+
+    # ---- writes -------------------------------------------------------------------------------
+
+    def create_run(self, experiment: str, run_name: str | None, tags: dict[str, str],
+                   start_time: int | None = None) -> str:
+        """Create a run; returns its id, or a placeholder id when the server is unreachable.
+
+        Args:
+            experiment: experiment name (created if missing).
+            run_name: the run's display name.
+            tags: run tags (values that are placeholder run ids are resolved at send time).
+            start_time: milliseconds since the epoch (now if None).
+
+        Returns:
+            The run id (``local-...`` when it will be created at replay time).
+        """
+        record = {"op": "create_run", "experiment": experiment, "run_name": run_name, "tags": dict(tags),
+                  "start_time": start_time or _now_ms()}
+        if self.online:
+            if self.resolve_tags(record) is None:
+                self.flush()  # the parent run may be creatable now
+            try:
+                resolved = self.resolve_tags(record)
+                if resolved is not None and self.online:
+                    return self.create_from_record(resolved)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self.note_failure(exc)
+        placeholder = PLACEHOLDER_PREFIX + uuid.uuid4().hex
+        self._spool(placeholder, record)
+        log.warning("run for %s not created yet (%s); local id %s", run_name,
+                    "offline" if self.offline else "server unreachable", placeholder)
+        return placeholder
+
+    def log_batch(self, run_id: str, metrics: Sequence[MetricRow] = (), params: dict[str, str] | None = None,
+                  tags: dict[str, str] | None = None) -> bool:
+        """Log metrics ``(key, value, timestamp_ms, step)``, params and tags; True if sent now."""
+        record = {"op": "log_batch", "metrics": [list(m) for m in metrics], "params": dict(params or {}),
+                  "tags": dict(tags or {})}
+        return self._write(run_id, record)
+
+    def log_artifact(self, run_id: str, local_path: str | Path, artifact_path: str | None = None,
+                     name: str | None = None) -> bool:
+        """Upload a file as ``<artifact_path>/<name>`` (overwrites); True if sent now."""
+        name = name or Path(local_path).name
+        record = {"op": "log_artifact", "artifact_path": artifact_path, "name": name}
+        return self._write(run_id, record, file=Path(local_path))
+
+    def set_terminated(self, run_id: str, status: str, end_time: int | None = None) -> bool:
+        """End a run with ``FINISHED``, ``FAILED`` or ``KILLED``; True if sent now."""
+        return self._write(run_id, {"op": "set_terminated", "status": status, "end_time": end_time or _now_ms()})
+
+    def reopen(self, run_id: str) -> bool:
+        """Mark a resumed run RUNNING again; True if sent now."""
+        return self._write(run_id, {"op": "reopen"})
+
+    def flush(self, force: bool = False) -> ReplayStats:
+        """Replay pending records of this tracking URI (skipped while offline unless ``force``)."""
+        if self.offline:
+            return ReplayStats(pending=self.pending_records())
+        if not self.online:
+            if not force:
+                return ReplayStats(pending=self.pending_records())
+            self._offline_until = 0.0
+        return Replayer(self).run()
+
+    def pending_records(self, run_id: str | None = None) -> int:
+        """Records waiting in the spool (for one run, or all)."""
+        keys = [run_id] if run_id else self.spool.keys()
+        return sum(len(self.spool.pending(k)) for k in keys)
+
+    # ---- for the replay -----------------------------------------------------------------------
+
+    def resolve_tags(self, record: dict[str, Any],
+                     resolve: Callable[[str], str | None] | None = None) -> dict[str, Any] | None:
+        """The record with placeholder run ids in its tags replaced by real ones.
+
+        Args:
+            record: a spooled or new record (``create_run``, ``log_batch``...).
+            resolve: maps a placeholder to its real id or None (default :meth:`resolve`).
+
+        Returns:
+            The record with resolved tags, or None while one of the runs it names is not created yet.
+        """
+        tags = dict(record.get("tags", {}))
+        for k in RUN_ID_TAGS:
+            if k in tags and is_placeholder(str(tags[k])):
+                tags[k] = (resolve or self.resolve)(str(tags[k]))
+                if tags[k] is None:
+                    return None
+        return {**record, "tags": tags} if "tags" in record else record
+
+    def create_from_record(self, record: dict[str, Any]) -> str:
+        """Create the run of a ``create_run`` record on the server now (no spooling).
+
+        Args:
+            record: the record, its tags already resolved (:meth:`resolve_tags`).
+
+        Returns:
+            The new run's id.
+
+        Raises:
+            Exception: whatever the MLflow client raises (the caller tells transient from refused).
+        """
+        experiment_id = get_or_create_experiment(record["experiment"], self.stores, self.client)
+        run = self.client.create_run(
+            experiment_id, start_time=record["start_time"], tags=record["tags"], run_name=record["run_name"]
+        )
+        self.note_success()
+        return run.info.run_id
+
+    def map_placeholder(self, placeholder: str, real: str) -> None:
+        """Record that the placeholder run ``placeholder`` was created as ``real`` (in the spool and here)."""
+        self.spool.set_mapping(placeholder, real)
+        self._known[placeholder] = real
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _write(self, key: str, record: dict[str, Any], file: Path | None = None) -> bool:
+        if file is not None and not file.is_file():
+            log.error("artifact %s does not exist; not logged", file)
+            return False
+        blocked = self.spool.has_pending(key) or self.resolve(key) is None
+        if blocked or not self.online:
+            self._spool(key, record, file)
+            if blocked and self.online:
+                self.flush()
+            return False
+        try:
+            resolved = self.resolve_tags(record)
+            if resolved is None:
+                self._spool(key, record, file)
+                return False
+            send_record(self.client, self.resolve(key), resolved, file)
+        except Exception as exc:
+            if is_refused(exc):
+                log.error("tracking record refused by %s (%s): %s", self._uri, record["op"], exc)
+                self.spool.reject(key, record, str(exc))
+                return False
+            if not is_transient(exc):
+                raise
+            self.note_failure(exc)
+            self._spool(key, record, file)
+            return False
+        self.note_success()
+        return True
+
+    def _spool(self, key: str, record: dict[str, Any], file: Path | None = None) -> None:
+        record = {**record, "run": key, "uri": self._uri, "t": _now_ms()}
+        try:
+            if file is not None:
+                dest = (key, f"{record['artifact_path'] or ''}/{record['name']}")
+                record["file"] = self.spool.store_file(key, file)
+                previous = self._spooled_artifacts.get(dest)
+                if previous is not None:
+                    previous.unlink(missing_ok=True)  # superseded: only the latest version is uploaded
+                self._spooled_artifacts[dest] = self.spool.dir / record["file"]
+            self.spool.append(key, record)
+        except OSError as exc:
+            log.error("could not spool tracking record %s for %s: %s (record lost)", record["op"], key, exc)
+
+
+class Replayer:
+    """Replays spooled records in order (one pass over every key of the writer's tracking URI).
+
+    It works through the writer's public methods only (:meth:`TrackingWriter.resolve_tags`,
+    :meth:`~TrackingWriter.create_from_record`, :meth:`~TrackingWriter.map_placeholder`,
+    :meth:`~TrackingWriter.note_failure`...).
+
+    Args:
+        writer: the writer whose spool and client are used.
+    """
+
+    def __init__(self, writer: TrackingWriter) -> None:
+        self.w = writer
+        self.stats = ReplayStats()
+        self._active: set[str] = set()
+        self._steps: dict[tuple[str, str], set[int]] = {}
+        self._run_data: dict[str, Any] = {}
+
+    def run(self) -> ReplayStats:
+        """One pass over every spool key; returns what it did."""
+        for key in self.w.spool.keys():
+            self._replay_key(key)
+        return self.stats
+
+    def _replay_key(self, key: str) -> None:
+        if key in self._active:
+            return
+        self._active.add(key)
+        spool = self.w.spool
+        with spool.replay_lock(key) as locked:
+            records = spool.pending(key)
+            if not records:
+                if locked:
+                    spool.compact(key)
+                return
+            self.stats.runs += 1
+            if not locked:
+                self.stats.pending += len(records)
+                return
+            if any(r.get("uri", self.w.uri) != self.w.uri for _, r in records):
+                self.stats.elsewhere += 1
+                return
+            latest = {}
+            for i, (_, rec) in enumerate(records):
+                if rec["op"] == "log_artifact":
+                    latest[(rec["artifact_path"], rec["name"])] = i
+            for i, (end, rec) in enumerate(records):
+                if not self.w.online:
+                    self.stats.pending += len(records) - i
+                    return
+                try:
+                    self._apply(key, rec, superseded=rec["op"] == "log_artifact"
+                                and latest[(rec["artifact_path"], rec["name"])] != i)
+                except _Blocked:
+                    self.stats.pending += len(records) - i
+                    return
+                except Exception as exc:
+                    if is_transient(exc):
+                        self.w.note_failure(exc)
+                        self.stats.pending += len(records) - i
+                        return
+                    if not is_refused(exc):
+                        raise
+                    log.error("spooled %s for %s refused: %s", rec["op"], key, exc)
+                    spool.reject(key, rec, str(exc))
+                    self.stats.rejected += 1
+                spool.mark_done(key, end)
+            spool.compact(key)
+
+    def _real_id(self, run_id: str) -> str:
+        real = self.w.resolve(run_id)
+        if real is None:
+            self._replay_key(run_id)  # its create_run record is in its own spool file
+            real = self.w.resolve(run_id)
+        if real is None:
+            raise _Blocked(run_id)
+        return real
+
+    def _apply(self, key: str, rec: dict[str, Any], superseded: bool) -> None:
+        op = rec["op"]
+        if op == "create_run":
+            if self.w.resolve(key) is not None:
+                return  # created by an earlier replay that stopped before marking it done
+            real = self.w.create_from_record(self.w.resolve_tags(rec, self._real_id))
+            self.w.map_placeholder(key, real)
+            self.stats.created, self.stats.sent = self.stats.created + 1, self.stats.sent + 1
+            log.info("created run %s for local id %s", real, key)
+            return
+        run_id = self._real_id(key)
+        file = None
+        if op == "log_batch":
+            metrics = [row for row in rec["metrics"] if int(row[3]) not in self._existing_steps(run_id, row[0])]
+            self.stats.skipped_metrics += len(rec["metrics"]) - len(metrics)
+            rec = {**self.w.resolve_tags(rec, self._real_id), "metrics": metrics,
+                   "params": self._new_params(run_id, rec["params"])}
+        elif op == "log_artifact":
+            if superseded:
+                self.stats.superseded += 1
+                return
+            file = self.w.spool.dir / rec["file"]
+            if not file.is_file():
+                raise ValueError(f"spooled file {file} is missing")
+        send_record(self.w.client, run_id, rec, file)
+        for row in rec.get("metrics", ()):
+            self._steps[(run_id, row[0])].add(int(row[3]))
+        self.stats.sent += 1
+        self.w.note_success()
+
+    def _existing_steps(self, run_id: str, key: str) -> set[int]:
+        if (run_id, key) not in self._steps:
+            history = self.w.client.get_metric_history(run_id, key)
+            self._steps[(run_id, key)] = {int(m.step) for m in history}
+        return self._steps[(run_id, key)]
+
+    def _new_params(self, run_id: str, params: dict[str, str]) -> dict[str, str]:
+        """Params the run does not have yet; changed values are reported in a tag, not sent."""
+        if not params:
+            return {}
+        if run_id not in self._run_data:
+            data = self.w.client.get_run(run_id).data
+            self._run_data[run_id] = (dict(data.params), dict(data.tags))
+        have, tags = self._run_data[run_id]
+        new = {k: str(v) for k, v in params.items() if k not in have}
+        changed = sorted(k for k, v in params.items() if k in have and have[k] != str(v))
+        if changed:
+            log.warning("run %s: params changed since first logged, kept the first values: %s", run_id, changed)
+            before = [k for k in tags.get(CHANGED_PARAMS_TAG, "").split(",") if k]
+            value = ",".join(sorted(set(before) | set(changed)))[:MAX_TAG_VALUE]
+            self.w.client.set_tag(run_id, CHANGED_PARAMS_TAG, value)
+            tags[CHANGED_PARAMS_TAG] = value
+        have.update(new)
+        return new
+
+
+def replay_spool(stores: Stores, spool_dir: str | Path | None = None, client: Any = None) -> ReplayStats:
+    """Replay every pending spooled record for ``stores``' tracking URI (``smartify tracking sync``).
+
+    Args:
+        stores: the tracking stores to replay to.
+        spool_dir: spool folder (default ``stores.spool_dir``).
+        client: an ``MlflowClient`` (made if None).
+
+    Returns:
+        The replay's counts.
+    """
+    writer = TrackingWriter(stores, spool_dir=spool_dir, client=client)
+    return writer.flush(force=True)
