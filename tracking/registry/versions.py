@@ -34,6 +34,7 @@ from typing import Any
 
 from recon.engine.checkpoint import build_model, load_checkpoint
 from recon.errors import InputError
+from tracking.runs import RUN_ID_KEY
 from tracking.registry.artifact import export_version_files, validation_protocol, validation_score, weights_digest
 from tracking.runs.stores import Stores, get_or_create_experiment, make_client, redact_uri, resolve_stores
 
@@ -51,8 +52,6 @@ DESCRIPTIONS = {
 #: validation split's alone (preferred: promotion compares scores on it), else the whole data set's.
 VAL_FINGERPRINT_PARAM = "data.val_fingerprint"
 FINGERPRINT_PARAM = "data.fingerprint"
-#: Key of ``checkpoint["tracking"]`` holding the stage's MLflow run id.
-RUN_ID_KEY = "mlflow_run_id"
 DEFAULT_EXPERIMENT = "smartify"
 UNKNOWN = "unknown"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")

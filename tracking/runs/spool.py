@@ -14,11 +14,12 @@ import fcntl
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from recon.io import write_text_atomic
 
 PLACEHOLDER_PREFIX = "local-"
 
@@ -90,7 +91,7 @@ class Spool:
 
     def mark_done(self, key: str, offset: int) -> None:
         """Record (atomically) that everything before ``offset`` was replayed."""
-        _atomic_write(self._path(key, ".done"), str(offset))
+        write_text_atomic(self._path(key, ".done"), str(offset))
 
     def keys(self) -> list[str]:
         """Spool keys with a record file, least recently modified first."""
@@ -170,20 +171,9 @@ class Spool:
             fcntl.flock(fd, fcntl.LOCK_EX)
             table = self.mapping()
             table[placeholder] = real
-            _atomic_write(self.dir / "runs.json", json.dumps(table, indent=1, sort_keys=True))
+            write_text_atomic(self.dir / "runs.json", json.dumps(table, indent=1, sort_keys=True))
         finally:
             os.close(fd)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def spool_summary(spool_dir: str | Path) -> dict[str, int]:

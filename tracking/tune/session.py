@@ -10,7 +10,7 @@ With ``seed_per_trial`` each trial's stage and model seeds derive from (study se
 (a retried trial keeps the seeds of the trial it repeats). The objective never draws from global RNGs; it
 seeds them once per trial at its start, as the ``train`` entry point does.
 
-The stage itself runs in one place, :func:`run_trial_stage`.
+The stage itself runs through the one tracked-stage function, :func:`tracking.train.run_tracked_stage`.
 """
 
 from __future__ import annotations
@@ -24,29 +24,19 @@ from typing import Any, Callable
 import optuna
 
 from recon.engine.stage import StageConfig
-from recon.engine.trainer import DivergenceError, run_stage
+from recon.engine.trainer import DivergenceError
 from recon.errors import InputError
-from recon.events import Callback, CallbackList, ConsoleCallback, Divergence, EpochEnd
-from recon.seeding import derive_seed, seed_everything
+from recon.events import Callback, Divergence, EpochEnd
+from recon.seeding import derive_seed
 from tracking.tune.config import TuneConfig
 from tracking.tune.memory import MemoryPrediction, MemoryPredictor, ProbeInput, release_memory
 from tracking.tune.oom import CATCH, guard_objective
 from tracking.tune.space import SearchSpace, StageLayers
+from tracking.train import run_tracked_stage
 from tracking.tune.study_runs import StudyTracker
 
 #: trial user attribute: the number of the trial whose seeds this one uses (itself, or the trial it retries)
 ORIGIN_ATTR = "origin_trial"
-
-
-def run_trial_stage(cfg: StageConfig, resolved: dict[str, Any], callbacks: CallbackList) -> None:
-    """Train a trial's stage with its callbacks (the one place a trial calls the engine).
-
-    Args:
-        cfg: the trial's typed stage.
-        resolved: the stage as plain data (what the stage records as its configuration).
-        callbacks: the trial's callbacks, the pruner's reporter last.
-    """
-    run_stage(cfg, resolved, callbacks)
 
 
 class _Reporter(Callback):
@@ -145,13 +135,12 @@ class TuneSession:
         """Train the trial's stage; returns the best epoch's metric."""
         cfg, resolved, _ = self.trial_stage(trial)
         trial.set_user_attr("seed", cfg.seed)
-        seed_everything(cfg.seed, cfg.deterministic)  # the trial is an entry point: global RNGs seeded once
         reporter = _Reporter(trial, self.cfg.metric, cfg.train.start_epoch, self.cfg.direction == "maximize")
-        callbacks: list[Callback] = [ConsoleCallback()]
-        if self.tracker is not None:
-            callbacks.append(self.tracker.trial_callback(trial))
-        callbacks += [*self.extra_callbacks, reporter]
-        run_trial_stage(cfg, resolved, CallbackList(callbacks))
+        own = [self.tracker.trial_callback(trial)] if self.tracker is not None else []
+        # the trial is an entry point: the tracked stage seeds the global RNGs once; the trial's own MLflow
+        # callback (a nested run of the study) replaces the stage's default tracking
+        run_tracked_stage(stage=(cfg, resolved), tracking=None, callbacks=[*own, *self.extra_callbacks, reporter],
+                          raise_divergence=True)
         value = reporter.best()
         if value is None:
             raise RuntimeError(f"trial {trial.number}: the stage reported no epoch")

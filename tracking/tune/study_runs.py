@@ -21,12 +21,13 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from recon.events import Callback, StageEnd
+from tracking.runs import RUN_ID_KEY
 from tracking.tune.oom import PRUNE_REASON
 from tracking.tune.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
-RUN_ID_ATTR = "mlflow_run_id"
+RUN_ID_ATTR = RUN_ID_KEY
 TRIAL_RUN_ATTR = "trial_run_id"
 
 
