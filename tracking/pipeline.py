@@ -28,7 +28,8 @@ from typing import Any
 
 from recon.config import from_dict, load_yaml_layers
 from recon.engine.stage import load_stage_config
-from recon.engine.trainer import DivergenceError, run_stage
+from recon.engine.loop import DivergenceError
+from recon.engine.trainer import run_stage
 from recon.errors import InputError
 from recon.events import CallbackList, ConsoleCallback
 from recon.seeding import seed_everything

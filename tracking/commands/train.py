@@ -9,7 +9,8 @@ import sys
 
 from recon.engine import distributed
 from recon.engine.stage import load_stage_config
-from recon.engine.trainer import DivergenceError, run_stage
+from recon.engine.loop import DivergenceError
+from recon.engine.trainer import run_stage
 from recon.errors import InputError
 from recon.events import ConsoleCallback
 from recon.seeding import seed_everything
@@ -111,10 +112,10 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "nproc", 1) != 1:
         return launch(args)
     if args.resume:
-        from recon.engine.checkpoint import load_checkpoint
+        from recon.engine.checkpoint import Checkpoint
 
-        payload = load_checkpoint(args.resume, which="last")
-        cfg, resolved = load_stage_config(data=payload["config"], overrides=args.overrides)
+        resumed = Checkpoint.load(args.resume, which="last")
+        cfg, resolved = load_stage_config(data=resumed.config, overrides=args.overrides)
     else:
         cfg, resolved = load_stage_config(args.config, overrides=args.overrides)
     seed_everything(cfg.seed, cfg.deterministic)

@@ -57,7 +57,7 @@ import torch
 import yaml
 from torch import nn
 
-from recon.engine.checkpoint import build_model, load_checkpoint, save_checkpoint
+from recon.engine.checkpoint import PATH_KEY, Checkpoint, build_model, load_checkpoint, save_checkpoint
 from recon.errors import InputError
 from tracking.runs.stores import Stores, get_or_create_experiment, make_client, redact_uri, resolve_stores
 
@@ -80,13 +80,8 @@ DESCRIPTION_FILE = "smartify-model.json"
 #: validation split's alone (preferred: promotion compares scores on it), else the whole data set's.
 VAL_FINGERPRINT_PARAM = "data.val_fingerprint"
 FINGERPRINT_PARAM = "data.fingerprint"
-#: Key of ``checkpoint["tracking"]`` holding the stage's MLflow run id.
-RUN_ID_KEY = "mlflow_run_id"
 DEFAULT_EXPERIMENT = "smartify"
 UNKNOWN = "unknown"
-# Keys of a checkpoint that a registered version keeps (no optimizer state, no RNG streams).
-_KEEP = ("kind", "stage", "family", "epoch", "config", "model_config", "experts", "model", "best_metric",
-         "best_epoch", "metrics", "tracking", "versions")
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
 
 
@@ -167,11 +162,11 @@ class ModelVersionInfo:
 
 
 # --------------------------------------------------------------------------- checkpoint side
-def registered_name(payload: dict[str, Any], name: str | None = None) -> str:
+def registered_name(checkpoint: Checkpoint, name: str | None = None) -> str:
     """The registered model name for a checkpoint.
 
     Args:
-        payload: a checkpoint dictionary.
+        checkpoint: a loaded checkpoint.
         name: explicit name (wins).
 
     Returns:
@@ -180,51 +175,51 @@ def registered_name(payload: dict[str, Any], name: str | None = None) -> str:
     """
     if name:
         return name
-    if payload["kind"] == "classifier":
+    if checkpoint.kind == "classifier":
         return NAMES["classifier"]
-    family = payload.get("family")
+    family = checkpoint.family
     if family not in ("hacker", "helper"):
         raise InputError(
-            f"{payload.get('path', '<checkpoint>')}: key 'family' is {family!r}; expected hacker or helper "
+            f"{checkpoint.source}: key 'family' is {family!r}; expected hacker or helper "
             "(or pass --name)"
         )
     return NAMES[family]
 
 
-def validation_score(payload: dict[str, Any]) -> tuple[str, float | None]:
+def validation_score(checkpoint: Checkpoint) -> tuple[str, float | None]:
     """The validation score of exactly these weights.
 
     ``best_metric`` when the checkpoint is the best epoch (``best.pt``); otherwise the epoch's own
     ``val/ssim`` (``val/accuracy``) from ``metrics`` (a ``last.pt`` whose epoch was not the best).
 
     Args:
-        payload: a checkpoint dictionary.
+        checkpoint: a loaded checkpoint.
 
     Returns:
         ``(metric, score)``: metric is ``ssim`` or ``accuracy``; score None when unknown.
     """
-    metric = "accuracy" if payload["kind"] == "classifier" else "ssim"
-    best, best_epoch = payload.get("best_metric"), payload.get("best_epoch")
-    if best is not None and (best_epoch is None or int(best_epoch) == int(payload["epoch"])):
+    metric = "accuracy" if checkpoint.kind == "classifier" else "ssim"
+    best, best_epoch = checkpoint.best_metric, checkpoint.best_epoch
+    if best is not None and (best_epoch is None or int(best_epoch) == checkpoint.epoch):
         value = float(best)
         return metric, value if value > float("-inf") else None
-    own = (payload.get("metrics") or {}).get(f"val/{metric}")
+    own = checkpoint.metrics.get(f"val/{metric}")
     return metric, float(own) if own is not None else None
 
 
-def validation_protocol(payload: dict[str, Any]) -> str:
+def validation_protocol(checkpoint: Checkpoint) -> str:
     """What the validation score was computed on, beyond the data itself.
 
     Args:
-        payload: a checkpoint dictionary.
+        checkpoint: a loaded checkpoint.
 
     Returns:
         e.g. ``split=val;max_slices=None;trained_on_val=False`` (the classifier: its own
         ``val_split``).
     """
-    config = payload.get("config") or {}
+    config = checkpoint.config or {}
     data = config.get("data") or {}
-    if payload["kind"] == "classifier":
+    if checkpoint.kind == "classifier":
         split = (config.get("classifier") or {}).get("val_split", data.get("val_split"))
         return f"split={split}"
     # a stage that trained on its validation split (use_val_for_final) has a score that is not comparable
@@ -258,11 +253,11 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def export_version_files(payload: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+def export_version_files(checkpoint: Checkpoint, folder: str | Path) -> dict[str, Any]:
     """Write the files of a registered version (see module docstring) into ``folder``.
 
     Args:
-        payload: a checkpoint dictionary (from :func:`recon.engine.checkpoint.load_checkpoint`).
+        checkpoint: a loaded checkpoint (its optimizer state and RNG streams are not kept).
         folder: destination (created).
 
     Returns:
@@ -270,28 +265,26 @@ def export_version_files(payload: dict[str, Any], folder: str | Path) -> dict[st
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    stripped = {key: payload[key] for key in _KEEP if key in payload}
-    stripped["optimizer"] = None
-    weights = save_checkpoint(folder / WEIGHTS_FILE, stripped)
-    (folder / CONFIG_FILE).write_text(yaml.safe_dump(payload["config"], sort_keys=False))
-    (folder / MODEL_CONFIG_FILE).write_text(json.dumps(payload["model_config"], indent=2, default=list) + "\n")
-    metric, score = validation_score(payload)
+    weights = save_checkpoint(folder / WEIGHTS_FILE, checkpoint.exported())
+    (folder / CONFIG_FILE).write_text(yaml.safe_dump(checkpoint.config, sort_keys=False))
+    (folder / MODEL_CONFIG_FILE).write_text(json.dumps(checkpoint.model_config, indent=2, default=list) + "\n")
+    metric, score = validation_score(checkpoint)
     description = {
         "format": ARTIFACT_FORMAT,
         "loader": "tracking.registry.versions.load_version (torch.load weights_only=True, recon.engine.checkpoint.build_model)",
-        "kind": payload["kind"], "stage": payload.get("stage"), "family": payload.get("family"),
-        "epoch": int(payload["epoch"]), "experts": list(payload.get("experts") or []),
+        "kind": checkpoint.kind, "stage": checkpoint.stage, "family": checkpoint.family,
+        "epoch": checkpoint.epoch, "experts": list(checkpoint.experts),
         "val_metric": metric, "val_score": score,
         "weights_file": WEIGHTS_FILE, "weights_sha256": file_sha256(weights),
-        "weights_digest": weights_digest(payload["model"]),
-        "versions": dict(payload.get("versions") or {}),
+        "weights_digest": weights_digest(checkpoint.model),
+        "versions": dict(checkpoint.versions or {}),
     }
     (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
     return description
 
 
 # --------------------------------------------------------------------------- registry side
-def _run_for(client, payload: dict[str, Any], stores: Stores, experiment: str) -> tuple[str, str | None]:
+def _run_for(client, checkpoint: Checkpoint, stores: Stores, experiment: str) -> tuple[str, str | None]:
     """The MLflow run that will hold the version's artifacts, and the data fingerprint it records.
 
     The stage's own run when the checkpoint names one that exists in this store; a placeholder id
@@ -303,8 +296,8 @@ def _run_for(client, payload: dict[str, Any], stores: Stores, experiment: str) -
 
     from tracking.runs.spool import Spool, is_placeholder
 
-    source = payload.get("path", "<checkpoint>")
-    run_id = (payload.get("tracking") or {}).get(RUN_ID_KEY)
+    source = checkpoint.source
+    run_id = checkpoint.run_id
     if run_id and is_placeholder(run_id):
         real = Spool(stores.spool_dir).mapping().get(run_id)
         if real is None:
@@ -321,21 +314,21 @@ def _run_for(client, payload: dict[str, Any], stores: Stores, experiment: str) -
             log.warning("%s: run %s not found in %s (%s); creating a registration run", source, run_id,
                         redact_uri(stores.tracking_uri), exc.error_code)
     experiment_id = get_or_create_experiment(experiment, stores, client)
-    tags = {"smartify.kind": "registration", "smartify.stage": str(payload.get("stage")),
+    tags = {"smartify.kind": "registration", "smartify.stage": str(checkpoint.stage),
             "smartify.checkpoint": str(source)}
     if run_id:
         tags["smartify.checkpoint_run_id"] = str(run_id)
-    run = client.create_run(experiment_id, run_name=f"register-{payload.get('stage')}", tags=tags)
-    metric, score = validation_score(payload)
-    client.log_param(run.info.run_id, "epoch", int(payload["epoch"]))
+    run = client.create_run(experiment_id, run_name=f"register-{checkpoint.stage}", tags=tags)
+    metric, score = validation_score(checkpoint)
+    client.log_param(run.info.run_id, "epoch", checkpoint.epoch)
     if score is not None:
         client.log_metric(run.info.run_id, f"val_{metric}", score)
     client.set_terminated(run.info.run_id)
     return run.info.run_id, None
 
 
-def _training_run(payload: dict[str, Any]) -> str:
-    return str((payload.get("tracking") or {}).get(RUN_ID_KEY) or "none")
+def _training_run(checkpoint: Checkpoint) -> str:
+    return checkpoint.run_id or "none"
 
 
 def _existing_version(client, name: str, digest: str, training_run: str):
@@ -381,42 +374,42 @@ def register_stage(
         The registered version.
     """
     stores = stores or resolve_stores()
-    payload = load_checkpoint(checkpoint_path, which)
-    model_name = registered_name(payload, name)
-    build_model(payload)  # refuse weights that do not rebuild before anything is written
+    checkpoint = Checkpoint.load(checkpoint_path, which)
+    model_name = registered_name(checkpoint, name)
+    build_model(checkpoint)  # refuse weights that do not rebuild before anything is written
     client = make_client(stores)
-    digest = weights_digest(payload["model"])
+    digest = weights_digest(checkpoint.model)
     _ensure_registered_model(client, model_name)
-    existing = _existing_version(client, model_name, digest, _training_run(payload))
+    existing = _existing_version(client, model_name, digest, _training_run(checkpoint))
     if existing is not None:
-        log.info("%s: these weights are already %s version %s", payload["path"], model_name, existing.version)
+        log.info("%s: these weights are already %s version %s", checkpoint.source, model_name, existing.version)
         return get_version_info(model_name, version=int(existing.version), stores=stores)
-    run_id, run_fingerprint = _run_for(client, payload, stores, experiment)
+    run_id, run_fingerprint = _run_for(client, checkpoint, stores, experiment)
     fingerprint = data_fingerprint or run_fingerprint or UNKNOWN
-    metric, score = validation_score(payload)
-    stage = str(payload.get("stage") or "stage")
-    folder = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', stage)}-e{int(payload['epoch']):03d}-{digest[:12]}"
+    metric, score = validation_score(checkpoint)
+    stage = str(checkpoint.stage or "stage")
+    folder = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', stage)}-e{checkpoint.epoch:03d}-{digest[:12]}"
     artifact_path = f"registry/{model_name}/{folder}"
     with tempfile.TemporaryDirectory(prefix="smartify-register-") as tmp:
-        description = export_version_files(payload, tmp)
+        description = export_version_files(checkpoint, tmp)
         client.log_artifacts(run_id, tmp, artifact_path)
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
-    experts = list(payload.get("experts") or [])
+    experts = list(checkpoint.experts)
     tags = {
         "val_metric": metric, "val_score": repr(score) if score is not None else "None",
-        "data_fingerprint": fingerprint, "val_protocol": validation_protocol(payload),
-        "stage": stage, "kind": str(payload["kind"]), "family": str(payload.get("family") or "none"),
-        "epoch": str(int(payload["epoch"])), "experts": ",".join(experts),
+        "data_fingerprint": fingerprint, "val_protocol": validation_protocol(checkpoint),
+        "stage": stage, "kind": checkpoint.kind, "family": str(checkpoint.family or "none"),
+        "epoch": str(checkpoint.epoch), "experts": ",".join(experts),
         "weights_digest": digest, "weights_sha256": description["weights_sha256"],
-        "training_run": _training_run(payload),
-        "checkpoint": str(payload["path"]),
+        "training_run": _training_run(checkpoint),
+        "checkpoint": checkpoint.source,
     }
     score_text = f"{score:.4f}" if score is not None else "unknown"
-    text = (f"{stage} epoch {int(payload['epoch'])}: val {metric} {score_text}; {payload['kind']}"
+    text = (f"{stage} epoch {checkpoint.epoch}: val {metric} {score_text}; {checkpoint.kind}"
             + (f" ({', '.join(experts)})" if experts else ""))
     mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags, description=text)
     client.set_tag(run_id, f"registry.{model_name}", str(mv.version))
-    log.info("registered %s version %s from %s (val %s %s)", model_name, mv.version, payload["path"], metric,
+    log.info("registered %s version %s from %s (val %s %s)", model_name, mv.version, checkpoint.source, metric,
              score_text)
     return get_version_info(model_name, version=int(mv.version), stores=stores)
 
@@ -572,8 +565,8 @@ def load_version(
     try:
         local = download_version(info, tmp, stores)
         payload = load_checkpoint(local / WEIGHTS_FILE, map_location=map_location)
-        payload["path"] = info.uri
-        module = build_model(payload)
+        payload[PATH_KEY] = info.uri
+        module = build_model(Checkpoint.from_payload(payload))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     payload["registry"] = info.to_dict()

@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 from recon import __version__ as smartify_version
 from recon.config import dump_yaml, flatten
+from recon.engine.checkpoint import RUN_ID_KEY
 from recon.errors import InputError
 from recon.events import Callback, CheckpointSaved, Divergence, EpochEnd, StageEnd, StageStart
 from tracking.runs import plots
@@ -194,7 +195,7 @@ class MLflowCallback(Callback):
         tags = self._tags(event)
         if truncated:
             tags["smartify.truncated_params"] = ",".join(truncated)[:MAX_TAG_VALUE]
-        resume_id = event.resume_state.get("mlflow_run_id")
+        resume_id = event.resume_state.get(RUN_ID_KEY)
         if resume_id and self._resume(str(resume_id), event, params):
             return
         if resume_id:
@@ -274,7 +275,7 @@ class MLflowCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.run_id is None:
             return {}
-        return {"mlflow_run_id": self.writer.resolve(self.run_id) or self.run_id}
+        return {RUN_ID_KEY: self.writer.resolve(self.run_id) or self.run_id}
 
     # ---- helpers ------------------------------------------------------------------------------
 
@@ -306,8 +307,8 @@ class MLflowCallback(Callback):
             tags["mlflow.parentRunId"] = self.parent_run_id
         if event.init_from:
             tags["smartify.init_from"] = str(event.init_from)
-        if event.init_from_state.get("mlflow_run_id"):
-            tags["smartify.init_from_run_id"] = str(event.init_from_state["mlflow_run_id"])
+        if event.init_from_state.get(RUN_ID_KEY):
+            tags["smartify.init_from_run_id"] = str(event.init_from_state[RUN_ID_KEY])
         tags.update(self.extra_tags)
         return {k: str(v)[:MAX_TAG_VALUE] for k, v in tags.items()}
 

@@ -10,7 +10,7 @@
    that reference the model and the optimizer, are dropped before ``gc.collect()`` and
    ``torch.cuda.empty_cache()``, so the next trial starts with the memory back (optuna #1224, #5931, #3050: an
    OOM otherwise fails the trial and the memory piles up across trials).
-3. **Divergence.** The engine's :class:`~recon.engine.trainer.DivergenceError` (NaN/inf loss, loss stuck at 1;
+3. **Divergence.** The engine's :class:`~recon.engine.loop.DivergenceError` (NaN/inf loss, loss stuck at 1;
    PromptMR-plus #7) prunes with ``prune_reason=diverged`` and the engine's reason.
 4. **Pruner.** ``optuna.TrialPruned`` from the objective gets ``prune_reason=pruner`` unless it set one.
 5. **Anything else** is recorded (``error``, ``error_type``; the traceback goes to the log) and re-raised as
@@ -40,7 +40,7 @@ import optuna
 import torch
 
 from recon.engine.stage import StageConfig
-from recon.engine.trainer import DivergenceError
+from recon.engine.loop import DivergenceError
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from recon.engine.runtime import select_device
 from recon.engine.stage import StageConfig
-from recon.engine.trainer import DivergenceError, run_stage
+from recon.engine.loop import DivergenceError
+from recon.engine.trainer import run_stage
 from recon.errors import InputError
 from recon.events import Callback, CallbackList, ConsoleCallback, Divergence, EpochEnd
 from recon.seeding import derive_seed, seed_everything
