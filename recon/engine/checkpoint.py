@@ -42,7 +42,7 @@ UNNAMED = "<checkpoint>"
 _VERSIONS = "versions"  # the field filled in on save
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # tensors have no plain equality
 class Checkpoint:
     """One checkpoint: what a stage saves after an epoch, and what a reader gets back.
 
@@ -84,7 +84,7 @@ class Checkpoint:
     rng: dict[str, Any] | None = None
     tracking: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] | None = None
-    path: str | None = field(default=None, compare=False)
+    path: str | None = None
 
     @property
     def source(self) -> str:
