@@ -22,6 +22,11 @@ import numpy as np
 log = logging.getLogger("recon")
 
 
+#: The one name of a stage's tracking run id outside the tracking store: the key of the tracking callback's
+#: resume state, which every checkpoint keeps under ``tracking`` (so ``--resume`` reopens the run and the
+#: registry finds the stage's run).
+RUN_ID_KEY = "mlflow_run_id"
+
 @dataclass(frozen=True)
 class StageStart:
     """A stage begins (or resumes).

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from recon.engine import distributed
 from recon.engine.stage import StageConfig, load_stage_config
-from recon.engine.trainer import DivergenceError, run_stage
+from recon.engine.loop import DivergenceError
+from recon.engine.trainer import run_stage
 from recon.errors import InputError
 from recon.events import Callback, CallbackList, ConsoleCallback
 from recon.seeding import seed_everything
@@ -96,9 +97,9 @@ def load_stage(
         InputError: neither a file nor a checkpoint given, or either is invalid.
     """
     if resume is not None:
-        from recon.engine.checkpoint import load_checkpoint
+        from recon.engine.checkpoint import Checkpoint
 
-        stored = load_checkpoint(resume, which="last")["config"]
+        stored = Checkpoint.load(resume, which="last").config
         return load_stage_config(data=stored, overrides=overrides)
     if config is None:
         raise InputError("a stage needs a stage file or a checkpoint to resume")

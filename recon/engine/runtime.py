@@ -1,15 +1,15 @@
-"""Runtime helpers shared by the stage loops: device, memory peaks, checkpoint payloads."""
+"""Runtime helpers of the stage loop: device, memory peaks, checkpoint writing."""
 
 from __future__ import annotations
 
 import resource
 import sys
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from recon.engine.checkpoint import save_checkpoint
+from recon.engine.checkpoint import Checkpoint, save_checkpoint
 from recon.events import Callback, CheckpointSaved
 from recon.seeding import capture_rng_state
 
@@ -42,15 +42,22 @@ def write_checkpoint(
     callbacks: Callback,
     out_dir: Path,
     kind: str,
-    epoch: int,
     metric: float | None,
-    payload: dict[str, Any],
+    checkpoint: Checkpoint,
 ) -> Path:
-    """Write ``checkpoints/{kind}.pt`` with RNG streams and tracking state, then emit the event."""
-    payload = dict(payload)
-    payload["rng"] = capture_rng_state()
-    payload["tracking"] = callbacks.state_dict()
-    path = save_checkpoint(out_dir / "checkpoints" / f"{kind}.pt", payload)
-    callbacks.on_checkpoint(CheckpointSaved(path=path, kind=kind, epoch=epoch, metric=metric))
-    return path
+    """Write ``checkpoints/{kind}.pt`` with RNG streams and tracking state, then emit the event.
 
+    Args:
+        callbacks: listeners (their :meth:`~recon.events.Callback.state_dict` is stored).
+        out_dir: the stage's output folder.
+        kind: ``last`` or ``best``.
+        metric: the epoch's validation score, for the event.
+        checkpoint: the epoch's checkpoint (its ``rng`` and ``tracking`` are filled in here).
+
+    Returns:
+        The file written.
+    """
+    checkpoint = replace(checkpoint, rng=capture_rng_state(), tracking=callbacks.state_dict())
+    path = save_checkpoint(out_dir / "checkpoints" / f"{kind}.pt", checkpoint)
+    callbacks.on_checkpoint(CheckpointSaved(path=path, kind=kind, epoch=checkpoint.epoch, metric=metric))
+    return path

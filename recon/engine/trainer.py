@@ -1,10 +1,10 @@
 """The reconstruction stages: a baseline PromptMR+ or the 4-expert mixture.
 
-``run_stage`` is the one entry point for every stage (the classifier stage is dispatched to
-:mod:`recon.engine.classifier_stage`). It trains ``train.start_epoch .. train.epochs - 1`` with the
-explicit schedules of :mod:`recon.schedules`, validates every epoch with the official metric,
-writes self-describing ``last`` and ``best`` checkpoints, and reports through a
-:class:`recon.events.Callback`.
+``run_stage`` is the one entry point for every stage (the classifier stage's hooks are in
+:mod:`recon.engine.classifier_stage`). The stage skeleton (resume, optimizer, events, checkpoints,
+divergence) is :func:`recon.engine.loop.run_loop`; this module holds the reconstruction stage's hooks:
+the model, one training epoch with the explicit schedules of :mod:`recon.schedules`, and validation
+with the official metric.
 
 Exact resume: the learning rate is a pure function of the epoch, every random draw of a sample
 comes from ``(seed, epoch, index)``, and the shuffle order from ``(seed, epoch)``; a checkpoint
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,36 +26,26 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from recon.engine.checkpoint import build_model, load_checkpoint, load_state_strict
-from recon.config import dump_yaml
 from recon.data.dataset import SliceDataset
 from recon.data.layout import FilePair, data_fingerprint, discover_split, open_h5
+from recon.data.names import EXPERTS
 from recon.engine import distributed as dist
-from recon.engine.runtime import peak_memory_mb, reset_peak_memory, select_device, write_checkpoint
+from recon.engine.checkpoint import Checkpoint, build_model, load_state_strict
+from recon.engine.loop import DivergenceError, StageHooks, run_loop
 from recon.engine.stage import StageConfig
 from recon.engine.transform import EpochDataset, StageTransform, TrainItem, collate_items
 from recon.engine.validation import metrics_from_stats, panel_indices, validate
 from recon.errors import InputError
-from recon.events import Callback, ConsoleCallback, Divergence, EpochEnd, StageEnd, StageStart
-from recon.data.names import EXPERTS
-from recon.models.experts import MixtureOfExperts
+from recon.events import Callback, ConsoleCallback, Divergence, Panel, StageEnd
 from recon.fft import center_crop
 from recon.losses import MaskedSSIMLoss, VolumeAreaCache
+from recon.models.experts import MixtureOfExperts
 from recon.models.promptmr import PromptMR, count_parameters
-from recon.schedules import lr_at, set_lr
-from recon.seeding import derive_seed, determinism_flags, restore_rng_state, worker_init_fn
+from recon.seeding import derive_seed, determinism_flags, worker_init_fn
 
 log = logging.getLogger(__name__)
 
 STUCK_LOSS = 1.0 - 1e-4
-
-
-class DivergenceError(RuntimeError):
-    """Training diverged (NaN/inf loss, or the loss stuck at 1)."""
-
-    def __init__(self, event: Divergence) -> None:
-        super().__init__(f"training diverged at epoch {event.epoch}, step {event.step}: {event.reason}")
-        self.event = event
 
 
 @dataclass
@@ -99,21 +88,17 @@ def _build_model(cfg: StageConfig) -> nn.Module:
     return PromptMR(cfg.model)
 
 
-def _init_weights(cfg: StageConfig, model: nn.Module, source: str) -> dict[str, Any]:
-    """Weights-only initialisation from another stage's checkpoint; returns its tracking state."""
-    payload = load_checkpoint(source, which="best")
-    donor = build_model(payload)
-    if isinstance(model, MixtureOfExperts) and isinstance(donor, PromptMR):
+def _init_weights(cfg: StageConfig, model: nn.Module, donor: Checkpoint) -> None:
+    """Weights-only initialisation from another stage's checkpoint (an MoE from a baseline: every expert)."""
+    donor_model = build_model(donor)
+    if isinstance(model, MixtureOfExperts) and isinstance(donor_model, PromptMR):
         for name in model.names:
-            load_state_strict(model.experts[name], donor.state_dict(), payload["path"])
-    elif type(donor) is type(model):
-        load_state_strict(model, donor.state_dict(), payload["path"])
+            load_state_strict(model.experts[name], donor_model.state_dict(), donor.source)
+    elif type(donor_model) is type(model):
+        load_state_strict(model, donor_model.state_dict(), donor.source)
     else:
-        raise InputError(
-            f"{payload['path']}: a {payload['kind']} checkpoint cannot initialise a {cfg.stage.kind} stage"
-        )
-    log.info("initialised weights from %s (epoch %s)", payload["path"], payload["epoch"])
-    return dict(payload.get("tracking") or {})
+        raise InputError(f"{donor.source}: a {donor.kind} checkpoint cannot initialise a {cfg.stage.kind} stage")
+    log.info("initialised weights from %s (epoch %s)", donor.source, donor.epoch)
 
 
 def _order(cfg: StageConfig, n: int, epoch: int) -> list[int]:
@@ -146,22 +131,23 @@ def _groups(items: list[TrainItem]) -> Iterator[list[TrainItem]]:
     yield from buckets.values()
 
 
-class _Runner:
-    """State of one stage invocation (model, optimizer, data, callbacks)."""
+class ReconStage(StageHooks):
+    """The hooks of a baseline or MoE reconstruction stage (see :class:`recon.engine.loop.StageHooks`)."""
 
-    def __init__(self, cfg: StageConfig, resolved: dict[str, Any], callbacks: Callback) -> None:
-        self.cfg = cfg
-        self.resolved = resolved
-        self.callbacks = callbacks
-        self.ctx = dist.context()
-        self.device = select_device(cfg.train.device) if not self.ctx.enabled else self.ctx.device
-        self.out_dir = cfg.output_dir
+    def __init__(self, cfg: StageConfig, resolved: dict[str, Any]) -> None:
+        super().__init__(cfg, resolved)
         self.model = _build_model(cfg)
+        self.checkpoint_family = cfg.stage.family
         self.loss_fn = MaskedSSIMLoss(cfg.loss)
         self.areas = VolumeAreaCache()
+        self.data = _load_data(cfg)
+        if cfg.loss.sqrt_area_weight:
+            _fill_area_cache(self.areas, list(self.data.train.pairs))
+        self.probe: float | None = None
 
     # ----------------------------------------------------------------- forward
     def net_for(self, expert: str) -> nn.Module:
+        """The network that reconstructs ``expert``'s slices (the whole model unless an MoE)."""
         if isinstance(self.model, MixtureOfExperts):
             return self.model.expert(expert)
         return self.model
@@ -177,6 +163,7 @@ class _Runner:
         return center_crop(image.float(), *items[0].target.shape[-2:])
 
     def eval_forward(self, items: list[TrainItem]) -> torch.Tensor:
+        """Outputs for a mixed validation batch, in its order (one forward per expert and shape)."""
         outs = []
         for group in _groups(items):
             net = self.model.expert(group[0].expert) if isinstance(self.model, MixtureOfExperts) else self.model
@@ -185,8 +172,9 @@ class _Runner:
         return torch.stack([by_index[it.index] for it in items])
 
     # ----------------------------------------------------------------- epochs
-    def train_epoch(self, epoch: int, ds: EpochDataset, optimizer: torch.optim.Optimizer) -> dict[str, float]:
-        cfg = self.cfg
+    def train_epoch(self, epoch: int, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """One epoch over the shuffled (and sharded) training slices; see :class:`StageHooks`."""
+        cfg, ds = self.cfg, self.train_ds
         indices = self.ctx.shard(_order(cfg, len(ds), epoch))
         self.model.train()
         losses: list[float] = []
@@ -243,8 +231,9 @@ class _Runner:
                 metrics[f"train/{key.replace('/', '_')}_fraction"] = value / slices
         return metrics
 
-    def validate_epoch(self, val_ds: EpochDataset, epoch: int, panel_at: list[int]) -> tuple[dict[str, float], list]:
+    def validate_epoch(self, epoch: int, panels: bool) -> tuple[dict[str, float], tuple[Panel, ...]]:
         """Validate; in a data-parallel run each rank scores whole volumes and the sums are reduced once."""
+        val_ds, panel_at = self.val_ds, self.panel_at if panels else []
         self.model.eval()
         n = len(val_ds)
         if self.cfg.data.max_val_slices is not None:
@@ -263,125 +252,65 @@ class _Runner:
             flat = [float(x) for k in keys for x in stats.get(k, (0.0, 0))]
             summed = self.ctx.all_reduce_sum(flat)
             stats = {k: (summed[2 * i], int(round(summed[2 * i + 1]))) for i, k in enumerate(keys)}
-        return metrics_from_stats(stats), panels
+        return metrics_from_stats(stats), tuple(panels)
 
-    # ----------------------------------------------------------------- stage
-    def checkpoint_payload(self, epoch: int, optimizer, best: float, best_epoch: int | None, metrics) -> dict[str, Any]:
+    # ----------------------------------------------------------------- loop hooks
+    def init_weights(self, donor: Checkpoint) -> None:
+        """Weights from another stage (an MoE from a baseline: every expert starts from it)."""
+        _init_weights(self.cfg, self.model, donor)
+
+    def prepare(self, start: int) -> None:
+        """The epoch datasets, the fixed panel slices and the memory probe's estimate."""
         cfg = self.cfg
+        self.train_ds = EpochDataset(self.data.train, StageTransform(cfg, train=True))
+        self.val_ds = EpochDataset(self.data.val, StageTransform(cfg, train=False))
+        self.probe = self.probe_mb(self.data) if cfg.train.probe_memory else None
+        self.panel_at = panel_indices(len(self.val_ds), cfg.train.panel_slices)
+
+    def start_fields(self) -> dict[str, Any]:
+        """StageStart fields of a reconstruction stage."""
+        cfg = self.cfg
+        trainable, _fixed = count_parameters(self.model)
         return {
-            "kind": cfg.stage.kind,
-            "stage": cfg.stage.name,
-            "family": cfg.stage.family,
-            "epoch": epoch,
-            "config": self.resolved,
-            "model_config": cfg.model.to_dict(),
-            "experts": list(self.model.names) if isinstance(self.model, MixtureOfExperts) else [],
-            "model": self.model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "best_metric": best,
-            "best_epoch": best_epoch,
-            "metrics": dict(metrics),
+            "family": None if cfg.stage.family == "none" else cfg.stage.family,
+            "seeds": {"stage": cfg.seed, "model": cfg.model.seed}, "data_fingerprint": self.data.fingerprint,
+            "param_count": trainable,
+            "determinism": {**determinism_flags(), "deterministic": cfg.deterministic,
+                            "world_size": self.ctx.world_size},
         }
 
-    def run(self, resume: str | Path | None, init_from: str | Path | None) -> StageEnd:
-        cfg = self.cfg
-        data = _load_data(cfg)
-        if cfg.loss.sqrt_area_weight:
-            _fill_area_cache(self.areas, list(data.train.pairs))
-        start, best, best_epoch = cfg.train.start_epoch, -math.inf, None
-        resume_state: dict[str, Any] = {}
-        init_state: dict[str, Any] = {}
-        init_source = str(init_from or cfg.init_from) if (init_from or cfg.init_from) else None
-        checkpoint = None
-        if resume is not None:
-            checkpoint = load_checkpoint(resume, which="last")
-            if checkpoint["kind"] != cfg.stage.kind:
-                raise InputError(f"{checkpoint['path']}: a {checkpoint['kind']} checkpoint cannot resume a {cfg.stage.kind} stage")
-            load_state_strict(self.model, checkpoint["model"], checkpoint["path"])
-            start = int(checkpoint["epoch"]) + 1
-            best = float(checkpoint.get("best_metric", -math.inf))
-            best_epoch = checkpoint.get("best_epoch")
-            resume_state = dict(checkpoint.get("tracking") or {})
-        elif init_source:
-            init_state = _init_weights(cfg, self.model, init_source)
-        self.model.to(self.device)
-        self.ctx.broadcast_parameters(self.model)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(
-            params, lr=lr_at(cfg.lr, start), betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay
-        )
-        if checkpoint is not None:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-            restore_rng_state(checkpoint.get("rng") or {})
-        if self.ctx.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            dump_yaml(self.resolved, self.out_dir / "config.yaml")
-        train_ds = EpochDataset(data.train, StageTransform(cfg, train=True))
-        val_ds = EpochDataset(data.val, StageTransform(cfg, train=False))
-        trainable, _fixed = count_parameters(self.model)
-        probe_mb = self.probe_mb(data) if cfg.train.probe_memory else None
-        start_event = StageStart(
-            stage=cfg.stage.name, kind=cfg.stage.kind, family=None if cfg.stage.family == "none" else cfg.stage.family,
-            config=self.resolved, seeds={"stage": cfg.seed, "model": cfg.model.seed},
-            data_root=str(cfg.data.root), data_fingerprint=data.fingerprint, param_count=trainable,
-            device=str(self.device), determinism={**determinism_flags(), "deterministic": cfg.deterministic,
-                                                    "world_size": self.ctx.world_size},
-            start_epoch=start, epochs=cfg.train.epochs, output_dir=self.out_dir,
-            resume_state=resume_state, init_from=init_source, init_from_state=init_state,
-        )
-        if self.ctx.is_main:  # only rank 0 reports and writes
-            self.callbacks.on_stage_start(start_event)
-        last_path = best_path = None
-        status = "failed"
-        panel_at = panel_indices(len(val_ds), cfg.train.panel_slices)
-        try:
-            for epoch in range(start, cfg.train.epochs):
-                lr = lr_at(cfg.lr, epoch)
-                set_lr(optimizer, lr)
-                p_mask, p_aug = train_ds.transform.probabilities(epoch)
-                reset_peak_memory(self.device)
-                t0 = time.perf_counter()
-                metrics = self.train_epoch(epoch, train_ds, optimizer)
-                train_s = time.perf_counter() - t0
-                want_panels = cfg.train.panel_every > 0 and (epoch - start) % cfg.train.panel_every == 0
-                val_metrics, panels = self.validate_epoch(val_ds, epoch, panel_at if want_panels else [])
-                metrics.update(val_metrics)
-                score = metrics.get("val/ssim", -math.inf)
-                improved = score > best
-                if improved:
-                    best, best_epoch = score, epoch
-                metrics.update({
-                    "lr": lr, "p_mask": p_mask, "p_aug": p_aug,
-                    "time/epoch_s": time.perf_counter() - t0,
-                    "throughput/slices_per_s": metrics["train/slices"] / max(train_s, 1e-9),
-                    "memory/peak_mb": peak_memory_mb(self.device),
-                    "best_val_ssim": best,
-                })
-                if probe_mb is not None:
-                    metrics["memory/probe_mb"] = probe_mb
-                if not self.ctx.is_main:
-                    continue
-                self.callbacks.on_epoch_end(EpochEnd(epoch=epoch, metrics=metrics, panels=tuple(panels)))
-                payload = self.checkpoint_payload(epoch, optimizer, best, best_epoch, metrics)
-                last_path = write_checkpoint(self.callbacks, self.out_dir, "last", epoch, score, payload)
-                if improved:
-                    best_path = write_checkpoint(self.callbacks, self.out_dir, "best", epoch, score, payload)
-            status = "finished"
-        except DivergenceError as exc:
-            status = "diverged"
-            if self.ctx.is_main:
-                self.callbacks.on_divergence(exc.event)
-            raise
-        finally:
-            best_file = self.out_dir / "checkpoints" / "best.pt"
-            end = StageEnd(
-                status=status, best_metric=None if best == -math.inf else best, best_epoch=best_epoch,
-                best_path=best_path or (best_file if best_file.exists() else None), last_path=last_path,
-                output_dir=self.out_dir,
-            )
-            if self.ctx.is_main:
-                self.callbacks.on_stage_end(end)
-        return end
+    def trained_slices(self, train_metrics: dict[str, float]) -> float:
+        """``train/slices`` (all ranks)."""
+        return train_metrics["train/slices"]
+
+    def schedule_metrics(self, epoch: int, lr: float) -> dict[str, float]:
+        """``lr`` and the mask and MRAugment probabilities of the epoch."""
+        p_mask, p_aug = self.train_ds.transform.probabilities(epoch)
+        return {"lr": lr, "p_mask": p_mask, "p_aug": p_aug}
+
+    def score(self, metrics: dict[str, float]) -> float:
+        """``val/ssim``."""
+        return metrics.get("val/ssim", -math.inf)
+
+    def record_best(self, metrics: dict[str, float], best: float) -> bool:
+        """A higher ``val/ssim``."""
+        return self.score(metrics) > best
+
+    def best_metrics(self, best: float) -> dict[str, float]:
+        """``best_val_ssim``."""
+        return {"best_val_ssim": best}
+
+    def extra_metrics(self) -> dict[str, float]:
+        """``memory/probe_mb`` when the probe ran."""
+        return {"memory/probe_mb": self.probe} if self.probe is not None else {}
+
+    def model_config(self) -> dict[str, Any]:
+        """``PromptMRConfig.to_dict()`` (one for all experts)."""
+        return self.cfg.model.to_dict()
+
+    def experts(self) -> tuple[str, ...]:
+        """The MoE's expert names in order, else none."""
+        return tuple(self.model.names) if isinstance(self.model, MixtureOfExperts) else ()
 
     def probe_mb(self, data: _Data) -> float | None:
         """The memory probe's estimate for the largest training input, in MiB (None if unavailable)."""
@@ -425,7 +354,7 @@ def run_stage(
         if dist.context().enabled:
             raise InputError(f"stage {cfg.stage.name}: the classifier stage runs in one process; "
                              "start it without --nproc/torchrun")
-        from recon.engine.classifier_stage import run_classifier_stage
+        from recon.engine.classifier_stage import ClassifierStage
 
-        return run_classifier_stage(cfg, resolved, callbacks, resume=resume, init_from=init_from)
-    return _Runner(cfg, resolved, callbacks).run(resume, init_from)
+        return run_loop(ClassifierStage(cfg, resolved), callbacks, resume=resume, init_from=init_from)
+    return run_loop(ReconStage(cfg, resolved), callbacks, resume=resume, init_from=init_from)

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from recon.engine.checkpoint import build_model, load_checkpoint
+from recon.engine.checkpoint import Checkpoint, build_model
 from recon.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -51,24 +51,24 @@ def _check_batch(batch: ReconBatch) -> None:
         raise ValueError(f"num_low_frequencies must be ({k.shape[0]},), got {tuple(n.shape)}")
 
 
-def adjacent_from_payload(payload: dict[str, Any]) -> int:
+def adjacent_slices(checkpoint: Checkpoint) -> int:
     """The adjacent slices a checkpoint's model was trained with.
 
     Reads ``config.data.num_adj_slices`` and ``model_config.num_adj_slices``; they must agree when
     both are present.
 
     Args:
-        payload: a dictionary from :func:`recon.engine.checkpoint.load_checkpoint`.
+        checkpoint: a loaded checkpoint.
 
     Returns:
         The number of adjacent slices (odd, >= 1).
     """
-    source = payload.get("path", "<checkpoint>")
+    source = checkpoint.source
     found: dict[str, int] = {}
-    data_cfg = (payload.get("config") or {}).get("data") or {}
+    data_cfg = (checkpoint.config or {}).get("data") or {}
     if isinstance(data_cfg, dict) and data_cfg.get("num_adj_slices") is not None:
         found["config.data.num_adj_slices"] = int(data_cfg["num_adj_slices"])
-    model_cfg = payload.get("model_config") or {}
+    model_cfg = checkpoint.model_config or {}
     if isinstance(model_cfg, dict) and model_cfg.get("num_adj_slices") is not None:
         found["model_config.num_adj_slices"] = int(model_cfg["num_adj_slices"])
     if not found:
@@ -185,19 +185,19 @@ def load_system(
     Returns:
         The system in eval mode on ``device``.
     """
-    payload = load_checkpoint(path, which)
-    source = payload["path"]
-    if payload["kind"] not in ("baseline", "moe"):
+    checkpoint = Checkpoint.load(path, which)
+    source = checkpoint.source
+    if checkpoint.kind not in ("baseline", "moe"):
         raise InputError(
-            f"{source}: the {name} system needs a baseline or moe checkpoint, got kind {payload['kind']!r}"
+            f"{source}: the {name} system needs a baseline or moe checkpoint, got kind {checkpoint.kind!r}"
         )
-    num_adj = adjacent_from_payload(payload)
-    module = build_model(payload)
+    num_adj = adjacent_slices(checkpoint)
+    module = build_model(checkpoint)
     model_adj = getattr(getattr(module, "cfg", None), "num_adj_slices", None)
     if model_adj is not None and int(model_adj) != num_adj:
         raise InputError(f"{source}: the model is built for {model_adj} adjacent slices, the checkpoint says {num_adj}")
-    system = ReconSystem(module, num_adj, name, source, int(payload["epoch"]))
-    log.info("%s system: %s (%s, epoch %s, %d adjacent)", name, source, payload["kind"], payload["epoch"], num_adj)
+    system = ReconSystem(module, num_adj, name, source, checkpoint.epoch)
+    log.info("%s system: %s (%s, epoch %s, %d adjacent)", name, source, checkpoint.kind, checkpoint.epoch, num_adj)
     return system.to(device)
 
 
@@ -212,9 +212,9 @@ def load_classifier(path: str | Path, which: str = "best", device: str | torch.d
     Returns:
         The ``SliceClassifier`` in eval mode on ``device``.
     """
-    payload = load_checkpoint(path, which)
-    if payload["kind"] != "classifier":
-        raise InputError(f"{payload['path']}: expected a classifier checkpoint, got kind {payload['kind']!r}")
-    module = build_model(payload)
-    log.info("classifier: %s (epoch %s)", payload["path"], payload["epoch"])
+    checkpoint = Checkpoint.load(path, which)
+    if checkpoint.kind != "classifier":
+        raise InputError(f"{checkpoint.source}: expected a classifier checkpoint, got kind {checkpoint.kind!r}")
+    module = build_model(checkpoint)
+    log.info("classifier: %s (epoch %s)", checkpoint.source, checkpoint.epoch)
     return module.to(device).eval()

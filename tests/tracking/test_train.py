@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recon.engine.trainer import DivergenceError
+from recon.engine.loop import DivergenceError
 from recon.events import Callback, Divergence, EpochEnd
 from tracking.runs import RUN_ID_KEY
 from tracking.train import StageTracking, run_tracked_stage

@@ -24,52 +24,49 @@ from typing import Any
 import torch
 import yaml
 
-from recon.engine.checkpoint import save_checkpoint
+from recon.engine.checkpoint import Checkpoint, save_checkpoint
 
 ARTIFACT_FORMAT = "smartify.registered/1"
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.yaml"
 MODEL_CONFIG_FILE = "model_config.json"
 DESCRIPTION_FILE = "smartify-model.json"
-# Keys of a checkpoint that a registered version keeps (no optimizer state, no RNG streams).
-_KEEP = ("kind", "stage", "family", "epoch", "config", "model_config", "experts", "model", "best_metric",
-         "best_epoch", "metrics", "tracking", "versions")
 
 
-def validation_score(payload: dict[str, Any]) -> tuple[str, float | None]:
+def validation_score(checkpoint: Checkpoint) -> tuple[str, float | None]:
     """The validation score of exactly these weights.
 
     ``best_metric`` when the checkpoint is the best epoch (``best.pt``); otherwise the epoch's own
     ``val/ssim`` (``val/accuracy``) from ``metrics`` (a ``last.pt`` whose epoch was not the best).
 
     Args:
-        payload: a checkpoint dictionary.
+        checkpoint: a loaded checkpoint.
 
     Returns:
         ``(metric, score)``: metric is ``ssim`` or ``accuracy``; score None when unknown.
     """
-    metric = "accuracy" if payload["kind"] == "classifier" else "ssim"
-    best, best_epoch = payload.get("best_metric"), payload.get("best_epoch")
-    if best is not None and (best_epoch is None or int(best_epoch) == int(payload["epoch"])):
+    metric = "accuracy" if checkpoint.kind == "classifier" else "ssim"
+    best, best_epoch = checkpoint.best_metric, checkpoint.best_epoch
+    if best is not None and (best_epoch is None or int(best_epoch) == checkpoint.epoch):
         value = float(best)
         return metric, value if value > float("-inf") else None
-    own = (payload.get("metrics") or {}).get(f"val/{metric}")
+    own = checkpoint.metrics.get(f"val/{metric}")
     return metric, float(own) if own is not None else None
 
 
-def validation_protocol(payload: dict[str, Any]) -> str:
+def validation_protocol(checkpoint: Checkpoint) -> str:
     """What the validation score was computed on, beyond the data itself.
 
     Args:
-        payload: a checkpoint dictionary.
+        checkpoint: a loaded checkpoint.
 
     Returns:
         e.g. ``split=val;max_slices=None;trained_on_val=False`` (the classifier: its own
         ``val_split``).
     """
-    config = payload.get("config") or {}
+    config = checkpoint.config or {}
     data = config.get("data") or {}
-    if payload["kind"] == "classifier":
+    if checkpoint.kind == "classifier":
         split = (config.get("classifier") or {}).get("val_split", data.get("val_split"))
         return f"split={split}"
     # a stage that trained on its validation split (use_val_for_final) has a score that is not comparable
@@ -103,11 +100,11 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def export_version_files(payload: dict[str, Any], folder: str | Path) -> dict[str, Any]:
+def export_version_files(checkpoint: Checkpoint, folder: str | Path) -> dict[str, Any]:
     """Write the files of a registered version (see module docstring) into ``folder``.
 
     Args:
-        payload: a checkpoint dictionary (from :func:`recon.engine.checkpoint.load_checkpoint`).
+        checkpoint: a loaded checkpoint (its optimizer state and RNG streams are not kept).
         folder: destination (created).
 
     Returns:
@@ -115,22 +112,20 @@ def export_version_files(payload: dict[str, Any], folder: str | Path) -> dict[st
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    stripped = {key: payload[key] for key in _KEEP if key in payload}
-    stripped["optimizer"] = None
-    weights = save_checkpoint(folder / WEIGHTS_FILE, stripped)
-    (folder / CONFIG_FILE).write_text(yaml.safe_dump(payload["config"], sort_keys=False))
-    (folder / MODEL_CONFIG_FILE).write_text(json.dumps(payload["model_config"], indent=2, default=list) + "\n")
-    metric, score = validation_score(payload)
+    weights = save_checkpoint(folder / WEIGHTS_FILE, checkpoint.exported())
+    (folder / CONFIG_FILE).write_text(yaml.safe_dump(checkpoint.config, sort_keys=False))
+    (folder / MODEL_CONFIG_FILE).write_text(json.dumps(checkpoint.model_config, indent=2, default=list) + "\n")
+    metric, score = validation_score(checkpoint)
     description = {
         "format": ARTIFACT_FORMAT,
         "loader": "tracking.registry.loader.load_version (torch.load weights_only=True, "
                   "recon.engine.checkpoint.build_model)",
-        "kind": payload["kind"], "stage": payload.get("stage"), "family": payload.get("family"),
-        "epoch": int(payload["epoch"]), "experts": list(payload.get("experts") or []),
+        "kind": checkpoint.kind, "stage": checkpoint.stage, "family": checkpoint.family,
+        "epoch": checkpoint.epoch, "experts": list(checkpoint.experts),
         "val_metric": metric, "val_score": score,
         "weights_file": WEIGHTS_FILE, "weights_sha256": file_sha256(weights),
-        "weights_digest": weights_digest(payload["model"]),
-        "versions": dict(payload.get("versions") or {}),
+        "weights_digest": weights_digest(checkpoint.model),
+        "versions": dict(checkpoint.versions or {}),
     }
     (folder / DESCRIPTION_FILE).write_text(json.dumps(description, indent=2) + "\n")
     return description

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from recon.engine.checkpoint import build_model, load_checkpoint
+from recon.engine.checkpoint import PATH_KEY, Checkpoint, build_model, load_checkpoint
 from recon.errors import InputError
 from tracking.registry.artifact import WEIGHTS_FILE, file_sha256
 from tracking.registry.versions import ModelVersionInfo, get_version_info
@@ -88,8 +88,8 @@ def load_version(
     try:
         local = download_version(info, tmp, stores)
         payload = load_checkpoint(local / WEIGHTS_FILE, map_location=map_location)
-        payload["path"] = info.uri
-        module = build_model(payload)
+        payload[PATH_KEY] = info.uri
+        module = build_model(Checkpoint.from_payload(payload))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     payload["registry"] = info.to_dict()

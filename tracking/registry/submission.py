@@ -41,7 +41,8 @@ from typing import Any
 from recon.data.layout import LEADERBOARD_ACCS, data_fingerprint, discover_pairs
 from recon.errors import InputError
 from recon.inference.reconstruct import CHALLENGE_BUDGET_S, ReconResult, reconstruct_leaderboard
-from recon.inference.systems import ReconSystem, adjacent_from_payload
+from recon.engine.checkpoint import Checkpoint
+from recon.inference.systems import ReconSystem, adjacent_slices
 from tracking.registry.loader import load_version
 from tracking.registry.versions import ModelVersionInfo, get_version_info
 from tracking.runs.stores import Stores, get_or_create_experiment, make_client, resolve_stores
@@ -124,7 +125,7 @@ def _params(role: str, requested: str | None, info: ModelVersionInfo | None) -> 
 
 def _system(role: str, info: ModelVersionInfo, stores: Stores) -> ReconSystem:
     module, payload = load_version(info.uri, stores=stores)
-    return ReconSystem(module, adjacent_from_payload(payload), role, info.uri, info.epoch)
+    return ReconSystem(module, adjacent_slices(Checkpoint.from_payload(payload)), role, info.uri, info.epoch)
 
 
 def _log_json(client, run_id: str, folder: Path, name: str, obj: Any) -> None:

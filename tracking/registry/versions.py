@@ -32,9 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from recon.engine.checkpoint import build_model, load_checkpoint
+from recon.engine.checkpoint import Checkpoint, build_model
 from recon.errors import InputError
-from tracking.runs import RUN_ID_KEY
 from tracking.registry.artifact import export_version_files, validation_protocol, validation_score, weights_digest
 from tracking.runs.stores import Stores, get_or_create_experiment, make_client, redact_uri, resolve_stores
 
@@ -134,11 +133,11 @@ class ModelVersionInfo:
 
 
 # --------------------------------------------------------------------------- registration
-def registered_name(payload: dict[str, Any], name: str | None = None) -> str:
+def registered_name(checkpoint: Checkpoint, name: str | None = None) -> str:
     """The registered model name for a checkpoint.
 
     Args:
-        payload: a checkpoint dictionary.
+        checkpoint: a loaded checkpoint.
         name: explicit name (wins).
 
     Returns:
@@ -147,18 +146,18 @@ def registered_name(payload: dict[str, Any], name: str | None = None) -> str:
     """
     if name:
         return name
-    if payload["kind"] == "classifier":
+    if checkpoint.kind == "classifier":
         return NAMES["classifier"]
-    family = payload.get("family")
+    family = checkpoint.family
     if family not in ("hacker", "helper"):
         raise InputError(
-            f"{payload.get('path', '<checkpoint>')}: key 'family' is {family!r}; expected hacker or helper "
+            f"{checkpoint.source}: key 'family' is {family!r}; expected hacker or helper "
             "(or pass --name)"
         )
     return NAMES[family]
 
 
-def _run_for(client, payload: dict[str, Any], stores: Stores, experiment: str) -> tuple[str, str | None]:
+def _run_for(client, checkpoint: Checkpoint, stores: Stores, experiment: str) -> tuple[str, str | None]:
     """The MLflow run that will hold the version's artifacts, and the data fingerprint it records.
 
     The stage's own run when the checkpoint names one that exists in this store; a placeholder id
@@ -170,8 +169,8 @@ def _run_for(client, payload: dict[str, Any], stores: Stores, experiment: str) -
 
     from tracking.runs.spool import Spool, is_placeholder
 
-    source = payload.get("path", "<checkpoint>")
-    run_id = (payload.get("tracking") or {}).get(RUN_ID_KEY)
+    source = checkpoint.source
+    run_id = checkpoint.run_id
     if run_id and is_placeholder(run_id):
         real = Spool(stores.spool_dir).mapping().get(run_id)
         if real is None:
@@ -188,21 +187,21 @@ def _run_for(client, payload: dict[str, Any], stores: Stores, experiment: str) -
             log.warning("%s: run %s not found in %s (%s); creating a registration run", source, run_id,
                         redact_uri(stores.tracking_uri), exc.error_code)
     experiment_id = get_or_create_experiment(experiment, stores, client)
-    tags = {"smartify.kind": "registration", "smartify.stage": str(payload.get("stage")),
+    tags = {"smartify.kind": "registration", "smartify.stage": str(checkpoint.stage),
             "smartify.checkpoint": str(source)}
     if run_id:
         tags["smartify.checkpoint_run_id"] = str(run_id)
-    run = client.create_run(experiment_id, run_name=f"register-{payload.get('stage')}", tags=tags)
-    metric, score = validation_score(payload)
-    client.log_param(run.info.run_id, "epoch", int(payload["epoch"]))
+    run = client.create_run(experiment_id, run_name=f"register-{checkpoint.stage}", tags=tags)
+    metric, score = validation_score(checkpoint)
+    client.log_param(run.info.run_id, "epoch", checkpoint.epoch)
     if score is not None:
         client.log_metric(run.info.run_id, f"val_{metric}", score)
     client.set_terminated(run.info.run_id)
     return run.info.run_id, None
 
 
-def _training_run(payload: dict[str, Any]) -> str:
-    return str((payload.get("tracking") or {}).get(RUN_ID_KEY) or "none")
+def _training_run(checkpoint: Checkpoint) -> str:
+    return checkpoint.run_id or "none"
 
 
 def _existing_version(client, name: str, digest: str, training_run: str):
@@ -248,42 +247,42 @@ def register_stage(
         The registered version.
     """
     stores = stores or resolve_stores()
-    payload = load_checkpoint(checkpoint_path, which)
-    model_name = registered_name(payload, name)
-    build_model(payload)  # refuse weights that do not rebuild before anything is written
+    checkpoint = Checkpoint.load(checkpoint_path, which)
+    model_name = registered_name(checkpoint, name)
+    build_model(checkpoint)  # refuse weights that do not rebuild before anything is written
     client = make_client(stores)
-    digest = weights_digest(payload["model"])
+    digest = weights_digest(checkpoint.model)
     _ensure_registered_model(client, model_name)
-    existing = _existing_version(client, model_name, digest, _training_run(payload))
+    existing = _existing_version(client, model_name, digest, _training_run(checkpoint))
     if existing is not None:
-        log.info("%s: these weights are already %s version %s", payload["path"], model_name, existing.version)
+        log.info("%s: these weights are already %s version %s", checkpoint.source, model_name, existing.version)
         return get_version_info(model_name, version=int(existing.version), stores=stores)
-    run_id, run_fingerprint = _run_for(client, payload, stores, experiment)
+    run_id, run_fingerprint = _run_for(client, checkpoint, stores, experiment)
     fingerprint = data_fingerprint or run_fingerprint or UNKNOWN
-    metric, score = validation_score(payload)
-    stage = str(payload.get("stage") or "stage")
-    folder = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', stage)}-e{int(payload['epoch']):03d}-{digest[:12]}"
+    metric, score = validation_score(checkpoint)
+    stage = str(checkpoint.stage or "stage")
+    folder = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', stage)}-e{checkpoint.epoch:03d}-{digest[:12]}"
     artifact_path = f"registry/{model_name}/{folder}"
     with tempfile.TemporaryDirectory(prefix="smartify-register-") as tmp:
-        description = export_version_files(payload, tmp)
+        description = export_version_files(checkpoint, tmp)
         client.log_artifacts(run_id, tmp, artifact_path)
     source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
-    experts = list(payload.get("experts") or [])
+    experts = list(checkpoint.experts)
     tags = {
         "val_metric": metric, "val_score": repr(score) if score is not None else "None",
-        "data_fingerprint": fingerprint, "val_protocol": validation_protocol(payload),
-        "stage": stage, "kind": str(payload["kind"]), "family": str(payload.get("family") or "none"),
-        "epoch": str(int(payload["epoch"])), "experts": ",".join(experts),
+        "data_fingerprint": fingerprint, "val_protocol": validation_protocol(checkpoint),
+        "stage": stage, "kind": checkpoint.kind, "family": str(checkpoint.family or "none"),
+        "epoch": str(checkpoint.epoch), "experts": ",".join(experts),
         "weights_digest": digest, "weights_sha256": description["weights_sha256"],
-        "training_run": _training_run(payload),
-        "checkpoint": str(payload["path"]),
+        "training_run": _training_run(checkpoint),
+        "checkpoint": checkpoint.source,
     }
     score_text = f"{score:.4f}" if score is not None else "unknown"
-    text = (f"{stage} epoch {int(payload['epoch'])}: val {metric} {score_text}; {payload['kind']}"
+    text = (f"{stage} epoch {checkpoint.epoch}: val {metric} {score_text}; {checkpoint.kind}"
             + (f" ({', '.join(experts)})" if experts else ""))
     mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags, description=text)
     client.set_tag(run_id, f"registry.{model_name}", str(mv.version))
-    log.info("registered %s version %s from %s (val %s %s)", model_name, mv.version, payload["path"], metric,
+    log.info("registered %s version %s from %s (val %s %s)", model_name, mv.version, checkpoint.source, metric,
              score_text)
     return get_version_info(model_name, version=int(mv.version), stores=stores)
 

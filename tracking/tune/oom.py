@@ -11,7 +11,7 @@
    that reference the model and the optimizer, are dropped before ``gc.collect()`` and
    ``torch.cuda.empty_cache()``, so the next trial starts with the memory back (optuna #1224, #5931, #3050: an
    OOM otherwise fails the trial and the memory piles up across trials).
-3. **Divergence.** The engine's :class:`~recon.engine.trainer.DivergenceError` (NaN/inf loss, loss stuck at 1;
+3. **Divergence.** The engine's :class:`~recon.engine.loop.DivergenceError` (NaN/inf loss, loss stuck at 1;
    PromptMR-plus #7) prunes with ``prune_reason=diverged`` and the engine's reason.
 4. **Pruner.** ``optuna.TrialPruned`` from the objective gets ``prune_reason=pruner`` unless it set one.
 5. **Anything else** is recorded (``error``, ``error_type``; the traceback goes to the log) and re-raised as
@@ -37,7 +37,7 @@ from typing import Callable
 import optuna
 import torch
 
-from recon.engine.trainer import DivergenceError
+from recon.engine.loop import DivergenceError
 from tracking.tune.memory import MemoryPrediction, release_memory
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import optuna
 
 from recon.engine.stage import StageConfig
-from recon.engine.trainer import DivergenceError
+from recon.engine.loop import DivergenceError
 from recon.errors import InputError
 from recon.events import Callback, Divergence, EpochEnd
 from recon.seeding import derive_seed

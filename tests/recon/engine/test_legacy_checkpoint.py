@@ -1,0 +1,36 @@
+"""A checkpoint written before the typed ``Checkpoint`` still resumes, and repeats the old run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from recon.engine.checkpoint import load_checkpoint
+from recon.engine.stage import load_stage_config
+from recon.engine.trainer import run_stage
+from tests.recon.engine.test_engine import Recorder
+
+LEGACY = Path(__file__).resolve().parents[2] / "data" / "legacy"
+# figures that depend on the machine, not on the computation
+UNSTABLE = ("time/", "throughput/", "memory/")
+
+
+def test_old_checkpoint_resumes_exactly(tiny_data: Path, tmp_path: Path) -> None:
+    stored = LEGACY / "hacker_baseline_epoch0_last.pt"
+    expected = json.loads((LEGACY / "hacker_baseline_epoch1_metrics.json").read_text())
+    old = load_checkpoint(stored)
+    assert old["epoch"] == 0 and old["kind"] == "baseline"
+    cfg, resolved = load_stage_config(data=old["config"],
+                                      overrides=[f"data.root={tiny_data}", f"output.dir={tmp_path / 'resumed'}"])
+    torch.manual_seed(12345)  # disturb the global RNG: resume must restore what it needs
+    rec = Recorder()
+    end = run_stage(cfg, resolved, rec, resume=stored)
+    assert end.status == "finished" and [e.epoch for e in rec.epochs] == [1]
+    got = rec.epochs[0].metrics
+    assert set(got) == set(expected)  # the same metric names
+    for key, value in expected.items():
+        if not key.startswith(UNSTABLE):
+            assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
