@@ -24,7 +24,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import h5py
 
@@ -91,8 +91,60 @@ def _storage_error(dest: Path) -> StorageError:
     )
 
 
-@contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
+def _release(exc: BaseException) -> None:
+    """Drop the tracebacks of a failed write: their frames hold the writer, whose open file keeps
+    the deleted temporary file's blocks allocated (the disk would stay full until a GC pass)."""
+    for item in _chain(exc):
+        item.__traceback__ = None
+
+
+class _AtomicPath:
+    """The context manager of :func:`atomic_path` (a class, so no frame of it keeps a traceback)."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+    def __enter__(self) -> Path:
+        try:
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise _storage_error(self.dest) from None
+            raise
+        return self.tmp
+
+    def _commit(self) -> None:
+        with open(self.tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.tmp, self.dest)
+
+    def _is_full(self, exc: BaseException) -> bool:
+        # measured while the temporary file still holds its blocks: removing it frees them
+        full = isinstance(exc, Exception) and not isinstance(exc, StorageError) and is_no_space(exc, self.dest.parent)
+        if full:
+            _release(exc)
+        self.tmp.unlink(missing_ok=True)
+        return full
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        del tb
+        if exc is None:
+            try:
+                self._commit()
+            except Exception as err:
+                if self._is_full(err):
+                    raise _storage_error(self.dest) from None
+                raise
+            finally:
+                self.tmp.unlink(missing_ok=True)
+            return False
+        if self._is_full(exc):
+            raise _storage_error(self.dest) from None
+        return False
+
+
+def atomic_path(dest: str | os.PathLike[str]) -> contextlib.AbstractContextManager[Path]:
     """Give a temporary path to write; on success it replaces ``dest`` atomically.
 
     The destination folder is created if needed. The yielded path does not exist yet: the
@@ -103,8 +155,8 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     Args:
         dest: the final file.
 
-    Yields:
-        The temporary path, in the same folder as ``dest``.
+    Returns:
+        A context manager whose value is the temporary path, in the same folder as ``dest``.
 
     Raises:
         StorageError: the write failed because the file system is full (see :func:`is_no_space`);
@@ -114,30 +166,7 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
         >>> with atomic_path(out / "best.pt") as tmp:
         ...     torch.save(payload, tmp)
     """
-    dest = Path(dest)
-    try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise _storage_error(dest) from None
-        raise
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except StorageError:
-        raise  # an inner atomic_path (nested writers) already named its file
-    except Exception as exc:
-        # measured while the temporary file still holds its blocks: removing it frees them
-        full = is_no_space(exc, dest.parent)
-        tmp.unlink(missing_ok=True)
-        if full:
-            raise _storage_error(dest) from None
-        raise
-    finally:
-        tmp.unlink(missing_ok=True)
+    return _AtomicPath(Path(dest))
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
