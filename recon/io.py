@@ -8,23 +8,143 @@ of one; a failed write leaves the destination untouched and removes its temporar
 The temporary name is ``.<dest name>.<pid>.<random>.tmp``: hidden, and ending in ``.tmp`` so
 that no ``*.h5`` / ``*.pt`` / ``*.png`` listing picks it up. The writer creates the file itself,
 so the process umask sets its permissions, as for any other file the program writes.
+
+A full file system is reported as one :class:`recon.errors.StorageError` naming the destination
+and "no space left on device", whichever writer failed: an ``OSError`` with ``errno`` ENOSPC
+anywhere in the exception chain, or a writer that hides the errno (``torch.save`` raises a
+``RuntimeError`` from ``inline_container.cc``) while the destination's file system has less than
+:data:`FULL_BELOW_BYTES` free, measured before the temporary file is removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import h5py
 
-from recon.errors import InputError
+from recon.errors import InputError, StorageError
+
+# a write that failed while less than this is free on the destination's file system ran out of space
+FULL_BELOW_BYTES = 1 << 20
+_ENOSPC_TEXT = os.strerror(errno.ENOSPC).lower()  # "no space left on device"
+# what torch.save's C++ writer says when a write fails (it keeps no errno)
+_TORCH_WRITE_MARKERS = ("inline_container.cc", "pytorchstreamwriter", "file write failed", "iostream error")
 
 
-@contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or during (each once)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        todo.extend((item.__cause__, item.__context__))
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def is_no_space(exc: BaseException, folder: str | os.PathLike[str]) -> bool:
+    """Whether a failed write into ``folder`` failed because its file system is full.
+
+    Args:
+        exc: the exception the writer raised.
+        folder: the folder written into (its free space is checked for errno-less failures).
+
+    Returns:
+        True for ``errno.ENOSPC`` (or its text) anywhere in the exception chain, or for a
+        torch writer failure while ``folder`` has less than :data:`FULL_BELOW_BYTES` free.
+    """
+    chain = list(_chain(exc))
+    for item in chain:
+        if isinstance(item, OSError) and item.errno == errno.ENOSPC:
+            return True
+        if _ENOSPC_TEXT in str(item).lower():
+            return True
+    torch_failure = any(
+        isinstance(item, RuntimeError) and any(m in str(item).lower() for m in _TORCH_WRITE_MARKERS) for item in chain
+    )
+    if not torch_failure:
+        return False
+    free = _free_bytes(Path(folder))
+    return free is not None and free < FULL_BELOW_BYTES
+
+
+def _storage_error(dest: Path) -> StorageError:
+    return StorageError(
+        f"{dest}: not written: no space left on device (free some space in {dest.parent}; "
+        "any previous file is unchanged)",
+        path=str(dest),
+    )
+
+
+def _release(exc: BaseException) -> None:
+    """Drop the tracebacks of a failed write: their frames hold the writer, whose open file keeps
+    the deleted temporary file's blocks allocated (the disk would stay full until a GC pass)."""
+    for item in _chain(exc):
+        item.__traceback__ = None
+
+
+class _AtomicPath:
+    """The context manager of :func:`atomic_path` (a class, so no frame of it keeps a traceback)."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+    def __enter__(self) -> Path:
+        try:
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise _storage_error(self.dest) from None
+            raise
+        return self.tmp
+
+    def _commit(self) -> None:
+        with open(self.tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(self.tmp, self.dest)
+
+    def _is_full(self, exc: BaseException) -> bool:
+        # measured while the temporary file still holds its blocks: removing it frees them
+        full = isinstance(exc, Exception) and not isinstance(exc, StorageError) and is_no_space(exc, self.dest.parent)
+        if full:
+            _release(exc)
+        self.tmp.unlink(missing_ok=True)
+        return full
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> bool:
+        del tb
+        if exc is None:
+            try:
+                self._commit()
+            except Exception as err:
+                if self._is_full(err):
+                    raise _storage_error(self.dest) from None
+                raise
+            finally:
+                self.tmp.unlink(missing_ok=True)
+            return False
+        if self._is_full(exc):
+            raise _storage_error(self.dest) from None
+        return False
+
+
+def atomic_path(dest: str | os.PathLike[str]) -> contextlib.AbstractContextManager[Path]:
     """Give a temporary path to write; on success it replaces ``dest`` atomically.
 
     The destination folder is created if needed. The yielded path does not exist yet: the
@@ -35,23 +155,18 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
     Args:
         dest: the final file.
 
-    Yields:
-        The temporary path, in the same folder as ``dest``.
+    Returns:
+        A context manager whose value is the temporary path, in the same folder as ``dest``.
+
+    Raises:
+        StorageError: the write failed because the file system is full (see :func:`is_no_space`);
+            one line naming ``dest``. Other failures propagate unchanged.
 
     Example:
         >>> with atomic_path(out / "best.pt") as tmp:
         ...     torch.save(payload, tmp)
     """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return _AtomicPath(Path(dest))
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:

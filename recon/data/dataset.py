@@ -11,6 +11,11 @@ HDF5 files are opened lazily, once per process: the first ``__getitem__`` in a D
 opens its own handles (fork-inherited handles are dropped when the pid changes), and pickling
 drops them too. Files are validated when the dataset is built (:func:`validate_pair`, metadata
 only); data read later is checked for NaN/inf slice by slice.
+
+The open-time checks refuse, each with one line naming the file: image arrays of another size
+than the data set's crop (given, or that of the first image file) or taller than the k-space
+image; an all-zero mask, or one without an ACS block (``require_acs``); an image file without
+``attrs['max']`` when targets are loaded (the SSIM data range of training and validation).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import h5py
 import numpy as np
 import torch
 
-from recon.data.layout import FilePair, validate_pair
+from recon.data.layout import FilePair, image_crop, validate_pair
 from recon.errors import InputError
 from recon.io import open_h5
 
@@ -203,6 +208,13 @@ class SliceDataset(torch.utils.data.Dataset):
             ``attrs['max']`` is read whenever the pair has an image file.
         load_grappa: read ``image_grappa`` (then image files must exist and hold the key).
         slice_filter: keep slice ``s`` of ``pair`` only when ``slice_filter(pair, s)`` is True.
+        crop: the image size ``(h, w)`` (the stage's crop) every image array must have; None:
+            the size of the first image file's arrays, so that all volumes share one crop. The
+            size in use is the attribute ``crop`` (None without image files).
+        require_acs: refuse masks without a centred ACS block (the model estimates coil
+            sensitivities from it; the challenge's masks all have one).
+        require_max: refuse image files without ``attrs['max']``; None: when ``load_target``
+            (the target's SSIM data range).
 
     Raises:
         InputError: a file fails the open-time checks (:func:`validate_pair`).
@@ -216,20 +228,32 @@ class SliceDataset(torch.utils.data.Dataset):
         load_target: bool = True,
         load_grappa: bool = False,
         slice_filter: Callable[[FilePair, int], bool] | None = None,
+        crop: tuple[int, int] | None = None,
+        require_acs: bool = True,
+        require_max: bool | None = None,
     ):
         if num_adj_slices < 1 or num_adj_slices % 2 == 0:
             raise ValueError(f"num_adj_slices must be a positive odd number, got {num_adj_slices}")
+        if crop is not None and (len(crop) != 2 or min(crop) < 1):
+            raise ValueError(f"crop must be two positive sizes (h, w), got {crop!r}")
         self.pairs = list(pairs)
         self.num_adj_slices = num_adj_slices
         self.load_target = load_target
         self.load_grappa = load_grappa
+        self.crop: tuple[int, int] | None = None if crop is None else (int(crop[0]), int(crop[1]))
+        crop_source = "the stage's crop"
+        need_max = load_target if require_max is None else require_max
         keys = (("image_label",) if load_target else ()) + (("image_grappa",) if load_grappa else ())
         self.num_slices: list[int] = []
         self.index: list[tuple[int, int]] = []
         for i, pair in enumerate(self.pairs):
             if load_grappa and pair.image is None:
                 raise InputError(f"{pair.kspace}: no image file, needed for 'image_grappa'")
-            n = validate_pair(pair, image_keys=keys, scan_values=False)
+            if self.crop is None and pair.image is not None:
+                self.crop = image_crop(pair.image)
+                crop_source = f"the crop of the first volume, {pair.image}"
+            n = validate_pair(pair, image_keys=keys, scan_values=False, crop=self.crop, crop_source=crop_source,
+                              require_acs=require_acs, require_max=need_max)
             self.num_slices.append(n)
             self.index.extend((i, s) for s in range(n) if slice_filter is None or slice_filter(pair, s))
         self._files = _LazyFiles()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,15 @@ import numpy as np
 from recon.data.names import FileInfo, parse_name, sort_key
 from recon.errors import InputError
 from recon.io import list_h5, open_h5
-from recon.masks import infer_acc
+from recon.masks import detect_acs_width, infer_acc
 
 KSPACE_DIR = "kspace"
 IMAGE_DIR = "image"
 LEADERBOARD_ACCS = ("acc4", "acc8")
 IMAGE_KEYS = ("image_label", "image_input", "image_grappa")
+MAX_ATTR = "max"
+# the smallest ACS block PromptMR+ can estimate coil sensitivities from (docs/promptmr.md P5)
+MIN_ACS_WIDTH = 2
 _ACC_DIR_RE = re.compile(r"^acc(\d+)$")
 
 
@@ -182,23 +186,93 @@ def _check_finite(ds: h5py.Dataset, path: Path, key: str) -> None:
             raise InputError(f"{path}: key '{key}' has non-finite values (slice {s})")
 
 
-def validate_pair(pair: FilePair, image_keys: Sequence[str] = ("image_label",), scan_values: bool = True) -> int:
+def image_crop(path: str | Path) -> tuple[int, int] | None:
+    """The image size ``(h, w)`` of an image file: that of its first image key (in :data:`IMAGE_KEYS` order).
+
+    Args:
+        path: the image file.
+
+    Returns:
+        The last two axes of the first key present with rank >= 2, or None when there is none.
+
+    Raises:
+        InputError: the file cannot be opened.
+    """
+    with open_h5(path) as f:
+        for key in IMAGE_KEYS:
+            ds = f.get(key)
+            if isinstance(ds, h5py.Dataset) and ds.ndim >= 2:
+                return int(ds.shape[-2]), int(ds.shape[-1])
+    return None
+
+
+def _size(shape: Sequence[int]) -> str:
+    return " x ".join(str(int(n)) for n in shape)
+
+
+def _check_mask(mask: np.ndarray, path: Path, require_acs: bool) -> None:
+    if not np.any(mask):
+        raise InputError(f"{path}: key 'mask' is all zeros (no k-space column sampled); expected a column mask "
+                         "with a centred block of sampled (ACS) columns")
+    acs = detect_acs_width(mask)
+    if require_acs and acs < MIN_ACS_WIDTH:
+        centre = mask.shape[0] // 2
+        raise InputError(
+            f"{path}: key 'mask' has no ACS block (detected width {acs}: columns {centre - 1} and {centre} must both "
+            f"be sampled); expected a centred block of at least {MIN_ACS_WIDTH} sampled columns around column {centre}"
+        )
+
+
+def _check_max(f: h5py.File, path: Path, required: bool) -> None:
+    """``attrs['max']`` (the SSIM data range): finite and > 0 when present; present when ``required``."""
+    if MAX_ATTR not in f.attrs:
+        if required:
+            raise InputError(f"{path}: attribute {MAX_ATTR!r} not found; it is the SSIM data range")
+        return
+    values = np.asarray(f.attrs[MAX_ATTR]).reshape(-1)
+    try:
+        maximum = float(values[0]) if values.size else math.nan
+    except (TypeError, ValueError):
+        maximum = math.nan
+    if not (math.isfinite(maximum) and maximum > 0):
+        raise InputError(f"{path}: attrs[{MAX_ATTR!r}] = {maximum}; expected a finite value > 0")
+
+
+def validate_pair(
+    pair: FilePair,
+    image_keys: Sequence[str] = ("image_label",),
+    scan_values: bool = True,
+    crop: tuple[int, int] | None = None,
+    crop_source: str = "the expected crop",
+    require_acs: bool = False,
+    require_max: bool = False,
+) -> int:
     """The open-time checks of one volume.
 
-    Checks: ``kspace`` is complex rank 4 ``(S, C, H, W)``; ``mask`` is rank 1 with width W and
-    finite 0/1 values; the image keys present are rank 3 with S slices; ``image_keys`` exist;
-    ``attrs['max']``, when present, is finite; and (``scan_values``) no NaN/inf in the data.
+    Checks: ``kspace`` is complex rank 4 ``(S, C, H, W)``; ``mask`` is rank 1 with width W,
+    finite 0/1 values and at least one sampled column (and, with ``require_acs``, a centred ACS
+    block as :func:`recon.masks.detect_acs_width` finds it); the image keys present are rank 3
+    with S slices, all of one size ``(h, w)`` (``crop`` when given) and no taller than the
+    k-space image (a crop of a ``H x W`` image has ``h <= H``; only the width may be zero-padded,
+    docs/challenge.md 1.4); ``image_keys`` exist; ``attrs['max']``, when present, is finite and
+    > 0 (and, with ``require_max``, present); and (``scan_values``) no NaN/inf in the data.
 
     Args:
         pair: the volume.
         image_keys: keys the image file must hold (ignored when ``pair.image`` is None).
         scan_values: read the data to look for non-finite values (costs one pass over the file).
+        crop: the image size ``(h, w)`` every image key must have; None: the first key's size.
+        crop_source: where ``crop`` comes from, for the message (e.g. ``the crop of <file>``).
+        require_acs: refuse a mask without a centred ACS block (the model estimates coil
+            sensitivities from it).
+        require_max: refuse an image file without ``attrs['max']`` (training and validation use
+            it as the SSIM data range).
 
     Returns:
         The number of slices S.
 
     Raises:
-        InputError: one line naming the file and key.
+        InputError: one line naming the file and key (and both shapes for a size mismatch).
     """
     path = pair.kspace
     with open_h5(path) as f:
@@ -215,6 +289,8 @@ def validate_pair(pair: FilePair, image_keys: Sequence[str] = ("image_label",), 
             raise InputError(f"{path}: key 'mask' has non-finite values")
         if not np.all((mask == 0) | (mask == 1)):
             raise InputError(f"{path}: key 'mask' has values other than 0 and 1")
+        _check_mask(mask, path, require_acs)
+        image_size = tuple(int(n) for n in kspace.shape[-2:])
         if scan_values:
             _check_finite(kspace, path, "kspace")
     if pair.image is None:
@@ -232,10 +308,19 @@ def validate_pair(pair: FilePair, image_keys: Sequence[str] = ("image_label",), 
                 raise InputError(
                     f"{path}: key '{key}' has {ds.shape[0]} slices but {pair.kspace} 'kspace' has {n_slices}"
                 )
+            size = tuple(int(n) for n in ds.shape[1:])
+            if crop is None:
+                crop, crop_source = size, f"the size of '{key}' in the same file"
+            elif size != tuple(crop):
+                raise InputError(f"{path}: key '{key}' has size {_size(size)}, expected {_size(crop)} ({crop_source})")
+            if size[0] > image_size[0]:
+                raise InputError(
+                    f"{path}: key '{key}' has size {_size(size)} but {pair.kspace} 'kspace' is {_size(image_size)}; "
+                    "an image crop cannot be taller than the k-space image"
+                )
             if scan_values:
                 _check_finite(ds, path, key)
-        if "max" in f.attrs and not np.all(np.isfinite(np.asarray(f.attrs["max"], dtype=np.float64))):
-            raise InputError(f"{path}: attrs['max'] is not finite ({f.attrs['max']})")
+        _check_max(f, path, require_max)
     return n_slices
 
 

@@ -1,15 +1,34 @@
-"""recon.io: atomic writes leave the old file or the new one, never a temp file; HDF5 open/list."""
+"""recon.io: atomic writes leave the old file or the new one, never a temp file; HDF5 open/list.
+
+A full file system (issue 13 item 5) is tested for real on a 1 MiB tmpfs when the tests run as
+root (skipped with the reason otherwise), through ``save_checkpoint``, a plain write, h5py, and a
+``smartify train`` subprocess whose ``output.dir`` is on the tmpfs.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+from typing import Callable, Iterator
 
 import h5py
 import numpy as np
 import pytest
+import torch
 
-from recon.errors import InputError
-from recon.io import atomic_path, list_h5, open_h5, write_text_atomic
+import recon.io
+from recon.engine.checkpoint import save_checkpoint
+from recon.errors import InputError, StorageError
+from recon.io import atomic_path, is_no_space, list_h5, open_h5, write_text_atomic
+
+REPO = Path(__file__).resolve().parents[2]
+TORCH_FAILURE = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
 
 
 def test_write_text_atomic_creates_folders_and_replaces(tmp_path: Path) -> None:
@@ -59,3 +78,135 @@ def test_open_h5_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"bad\.h5: not a readable HDF5 file \(") as info:
         open_h5(bad)
     assert "\n" not in str(info.value)
+
+
+# --- full file system (issue 13 item 5) --------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@contextlib.contextmanager
+def _tmpfs(folder: Path, size: str = "1m") -> Iterator[Path]:
+    """Mount a tmpfs of ``size`` on ``folder`` for the block (skips the test when that is impossible)."""
+    if os.geteuid() != 0:
+        pytest.skip("a real full disk needs a tmpfs mount, and mounting needs root (tests run as a user)")
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs on {folder}: {(done.stderr or done.stdout).strip()}")
+    try:
+        yield folder
+    finally:
+        busy = subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0
+        if busy:  # never leave a mount behind; the assertion below reports the open file
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+    assert not busy, f"{folder}: busy after the test (a failed writer kept its deleted temp file open)"
+
+
+def _chained_enospc() -> BaseException:
+    try:
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as inner:
+            raise RuntimeError("writer failed") from inner
+    except RuntimeError as outer:
+        return outer
+
+
+@pytest.mark.parametrize(
+    ("exc", "free", "expected"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), 10**9, True),
+        (_chained_enospc(), 10**9, True),
+        (OSError("Can't write data (file write failed: errno = 28, error message = 'No space left on device')"),
+         10**9, True),
+        (RuntimeError(TORCH_FAILURE), 0, True),
+        (RuntimeError(TORCH_FAILURE), 10**9, False),  # torch failed, but not for want of space
+        (RuntimeError("disk full"), 0, False),  # not a writer failure
+        (OSError(errno.EACCES, "Permission denied"), 0, False),
+    ],
+    ids=["enospc", "enospc-in-chain", "h5py-text", "torch-full", "torch-not-full", "other", "eacces"],
+)
+def test_is_no_space(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, exc: BaseException, free: int,
+                     expected: bool) -> None:
+    monkeypatch.setattr(recon.io, "_free_bytes", lambda folder: free)
+    assert is_no_space(exc, tmp_path) is expected
+
+
+def test_atomic_path_enospc_is_one_storage_error(tmp_path: Path) -> None:
+    dest = tmp_path / "best.pt"
+    dest.write_text("old")
+    with pytest.raises(StorageError) as info:
+        with atomic_path(dest) as tmp:
+            tmp.write_text("half")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{dest}: ") and "no space left on device" in message
+    assert isinstance(info.value, InputError) and info.value.path == str(dest)
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # one error, no chained traceback
+    assert dest.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["best.pt"]
+
+
+def _write_torch(tmp: Path) -> None:
+    torch.save({"weights": torch.zeros(1 << 19)}, tmp)  # 2 MiB, a checkpoint larger than the disk
+
+
+def _write_plain(tmp: Path) -> None:
+    with open(tmp, "wb") as fh:
+        fh.write(b"\0" * (2 << 20))
+
+
+def _write_h5(tmp: Path) -> None:
+    with h5py.File(tmp, "w-") as f:
+        f.create_dataset("reconstruction", data=np.ones((2, 512, 512), np.float32))
+
+
+@pytest.mark.parametrize("writer", [_write_torch, _write_plain, _write_h5], ids=["torch", "plain", "h5py"])
+def test_full_tmpfs_through_atomic_path(tmp_path: Path, writer: Callable[[Path], None]) -> None:
+    with _tmpfs(tmp_path / "disk") as disk:
+        dest = disk / "checkpoints" / "last.pt"
+        with atomic_path(dest) as tmp:
+            tmp.write_bytes(b"previous result")
+        before = _sha256(dest)
+        with pytest.raises(StorageError) as info:
+            with atomic_path(dest) as tmp:
+                writer(tmp)
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"{dest}: ") and "no space left on device" in message
+        assert _sha256(dest) == before
+        assert [p.name for p in dest.parent.iterdir()] == ["last.pt"]
+
+
+def test_full_tmpfs_through_save_checkpoint(tmp_path: Path) -> None:
+    with _tmpfs(tmp_path / "disk") as disk:
+        dest = disk / "checkpoints" / "best.pt"
+        save_checkpoint(dest, {"kind": "baseline", "epoch": 0, "state_dict": {"w": torch.ones(16)}})
+        before = _sha256(dest)
+        with pytest.raises(StorageError) as info:
+            save_checkpoint(dest, {"kind": "baseline", "epoch": 1, "state_dict": {"w": torch.ones(1 << 19)}})
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"{dest}: ") and "no space left on device" in message
+        assert "inline_container" not in message
+        assert _sha256(dest) == before
+        assert [p.name for p in dest.parent.iterdir()] == ["best.pt"]
+        # the failed writer's file is closed: the deleted temp file's blocks are free again at once
+        assert shutil.disk_usage(disk).free > 900_000
+
+
+def test_train_into_a_full_output_dir_exits_2_with_one_line(tiny_data: Path, tmp_path: Path) -> None:
+    with _tmpfs(tmp_path / "disk", size="2m") as disk:
+        out = disk / "run"
+        cmd = [sys.executable, "-m", "tracking.cli", "train", "experiments/tiny/hacker_baseline.yaml", "--no-tracking",
+               "--set", f"data.root={tiny_data}", "--set", f"output.dir={out}", "--set", "train.epochs=1"]
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        lines = [line for line in done.stderr.splitlines() if line.strip() and " INFO " not in line]
+        assert done.returncode == 2, done.stderr
+        assert len(lines) == 1, done.stderr
+        assert lines[0].startswith(f"smartify train: error: {out / 'checkpoints'}")
+        assert "no space left on device" in lines[0] and "Traceback" not in done.stderr
+        leftovers = [p.name for p in out.rglob("*") if p.name.endswith(".tmp")]
+        assert leftovers == []

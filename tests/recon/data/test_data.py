@@ -18,7 +18,7 @@ from recon.data.layout import FilePair, data_fingerprint, discover_leaderboard, 
 from recon.data.names import parse_name
 from recon.errors import InputError
 from recon.fft import center_crop, ifft2c_np, rss
-from recon.masks import public_mask
+from recon.masks import equispaced_mask
 
 
 def _copy_split(src: Path, dst: Path) -> Path:
@@ -45,7 +45,7 @@ def _write_pair(folder: Path, name: str = "brain_acc4_1.h5", slices: int = 3, co
         if drop_kspace_key != "kspace":
             f["kspace"] = kspace
         if drop_kspace_key != "mask":
-            f["mask"] = public_mask(mask_width or size, 4)
+            f["mask"] = equispaced_mask(mask_width or size, 4, 0, n_acs=4)  # an ACS block even at W = 16
     with h5py.File(folder / "image" / name, "w") as f:
         if drop_image_key != "image_label":
             f["image_label"] = label
@@ -162,7 +162,8 @@ def test_unknown_file_name(tmp_path: Path) -> None:
         ({"image_slices": 2}, "image", ("'image_label'", "2 slices", "3")),
         ({"nan_in": "kspace"}, "kspace", ("'kspace'", "non-finite", "slice 2")),
         ({"nan_in": "image_label"}, "image", ("'image_label'", "non-finite", "slice 1")),
-        ({"max_attr": float("nan")}, "image", ("attrs['max']", "not finite")),
+        ({"max_attr": float("nan")}, "image", ("attrs['max'] = nan", "expected a finite value > 0")),
+        ({"max_attr": 0.0}, "image", ("attrs['max'] = 0.0", "expected a finite value > 0")),
     ],
 )
 def test_validate_pair_names_file_and_key(tmp_path: Path, kwargs: dict, file: str, parts: tuple[str, ...]) -> None:
