@@ -64,8 +64,10 @@ def _load_data(cfg: StageConfig) -> _Data:
         # one shuffled pool of train + val (the team ran val as a second sequential pass)
         train_pairs = train_pairs + val_pairs
     adj = cfg.data.num_adj_slices
-    train = SliceDataset(train_pairs, num_adj_slices=adj, load_target=True)
-    val = SliceDataset(val_pairs, num_adj_slices=adj, load_target=True)
+    # the sensitivity net reads the ACS block only when mask_center is set; validation uses the training crop
+    need_acs = cfg.model.mask_center
+    train = SliceDataset(train_pairs, num_adj_slices=adj, load_target=True, require_acs=need_acs)
+    val = SliceDataset(val_pairs, num_adj_slices=adj, load_target=True, crop=train.crop, require_acs=need_acs)
     all_pairs = train_pairs + ([] if cfg.data.use_val_for_final else val_pairs)
     fingerprint = data_fingerprint(all_pairs)
     # promotion compares models on the same validation data: keep that digest on its own
