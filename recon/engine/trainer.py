@@ -46,6 +46,11 @@ from recon.seeding import derive_seed, determinism_flags, worker_init_fn
 log = logging.getLogger(__name__)
 
 STUCK_LOSS = 1.0 - 1e-4
+#: how a training slice's mask was chosen (:class:`recon.augment.mask_aug.MaskDecision` ``kind``)
+MASK_KINDS = ("file", "public", "equispaced", "random")
+#: per epoch, the share of the trained slices of each mask kind and of the slices MRAugment changed
+SHARE_NAMES = {**{f"mask/{kind}": f"train/mask_share/{kind}" for kind in MASK_KINDS},
+               "augmented": "train/augmented_share"}
 
 
 @dataclass
@@ -218,7 +223,7 @@ class ReconStage(StageHooks):
             optimizer.step()
             losses.append(total)
             step += 1
-        kinds = ("mask/file", "mask/public", "mask/random", "mask/equispaced", "augmented")
+        kinds = tuple(f"mask/{kind}" for kind in MASK_KINDS) + ("augmented",)
         slices_here = sum(v for k, v in counts.items() if k.startswith("expert/"))
         summed = self.ctx.all_reduce_sum(
             [float(sum(losses)), float(len(losses)), float(slices_here)] + [float(counts.get(k, 0)) for k in kinds]
@@ -228,7 +233,7 @@ class ReconStage(StageHooks):
                    "train/slices": slices}
         if slices:
             for key, value in zip(kinds, summed[3:]):
-                metrics[f"train/{key.replace('/', '_')}_fraction"] = value / slices
+                metrics[SHARE_NAMES[key]] = value / slices
         return metrics
 
     def validate_epoch(self, epoch: int, panels: bool) -> tuple[dict[str, float], tuple[Panel, ...]]:
@@ -284,9 +289,10 @@ class ReconStage(StageHooks):
         return train_metrics["train/slices"]
 
     def schedule_metrics(self, epoch: int, lr: float) -> dict[str, float]:
-        """``lr`` and the mask and MRAugment probabilities of the epoch."""
-        p_mask, p_aug = self.train_ds.transform.probabilities(epoch)
-        return {"lr": lr, "p_mask": p_mask, "p_aug": p_aug}
+        """``lr``, ``schedule/p_remask`` (what the mask augmentation does: 1 for a Hacker) and ``schedule/p_aug``."""
+        transform = self.train_ds.transform
+        p_mask, p_aug = transform.probabilities(epoch)
+        return {"lr": lr, "schedule/p_remask": transform.mask_aug.remask_probability(p_mask), "schedule/p_aug": p_aug}
 
     def score(self, metrics: dict[str, float]) -> float:
         """``val/ssim``."""
@@ -301,8 +307,8 @@ class ReconStage(StageHooks):
         return {"best_val_ssim": best}
 
     def extra_metrics(self) -> dict[str, float]:
-        """``memory/probe_mb`` when the probe ran."""
-        return {"memory/probe_mb": self.probe} if self.probe is not None else {}
+        """``memory/probe_predicted_mb`` when the probe ran."""
+        return {"memory/probe_predicted_mb": self.probe} if self.probe is not None else {}
 
     def model_config(self) -> dict[str, Any]:
         """``PromptMRConfig.to_dict()`` (one for all experts)."""
