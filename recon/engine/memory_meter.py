@@ -8,11 +8,12 @@ a stage never reports what an earlier stage of the same process held:
 * ``memory/cuda_reserved_peak_mb``: the allocator's peak of bytes reserved from the driver
   (``torch.cuda.max_memory_reserved``): what the card must have free, so "does it fit in 8 GB" is
   this figure against 8192 (plus the CUDA context, a few hundred MiB, which neither counts).
-* ``memory/cpu_rss_peak_mb``: the peak resident set of this process (host memory, on every device).
-  On Linux the kernel keeps the exact high-water mark and lets a process reset it
-  (``echo 5 > /proc/self/clear_refs``, then ``VmHWM`` of ``/proc/self/status``); where that is not
-  possible a daemon thread samples ``psutil.Process().memory_info().rss`` every 20 ms, so a spike
-  shorter than that can be missed. DataLoader worker processes are not included.
+* ``memory/cpu_rss_peak_mb``: the peak resident set of this process (host memory, on every device),
+  sampled by a daemon thread (``psutil.Process().memory_info().rss`` every 20 ms, plus one reading
+  at each end of the window), so a spike shorter than the interval can be missed; DataLoader worker
+  processes are not included. Linux could give the exact peak (reset ``VmHWM`` by writing ``5`` to
+  ``/proc/self/clear_refs``), but that also resets the process's ``ru_maxrss``, which ``time -v``
+  and batch schedulers report as the job's peak.
 
 There is no CPU figure for bytes held by tensors: PyTorch's CPU allocator keeps no statistics that
 Python can read (``torch.cpu`` has no memory counters), and counting allocations with the profiler's
@@ -22,47 +23,12 @@ between stages because glibc returns large blocks (the tensors of a training ste
 
 from __future__ import annotations
 
-import logging
-import re
 import threading
-from pathlib import Path
 
 import psutil
 import torch
 
-log = logging.getLogger(__name__)
-
 _MIB = 2**20
-_CLEAR_REFS = Path("/proc/self/clear_refs")
-_STATUS = Path("/proc/self/status")
-_FIELD = r"^{}:\s+(\d+)\s+kB"
-# slack between the reset peak and the resident memory read with it (other threads may allocate)
-_RESET_SLACK_MB = 8.0
-
-
-def _status_mb(name: str) -> float | None:
-    """A ``kB`` field of ``/proc/self/status`` in MiB, or None where ``/proc`` does not show it."""
-    try:
-        found = re.search(_FIELD.format(name), _STATUS.read_text(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(found.group(1)) / 1024 if found else None
-
-
-def _kernel_peak_mb() -> float | None:
-    """``VmHWM``: the peak RSS since the last reset, in MiB (None where not available)."""
-    return _status_mb("VmHWM")
-
-
-def _reset_kernel_peak() -> bool:
-    """Reset this process's peak RSS (Linux >= 4.0); False where the kernel does not allow or do it."""
-    try:
-        _CLEAR_REFS.write_text("5")
-    except OSError:
-        return False
-    peak, rss = _kernel_peak_mb(), _status_mb("VmRSS")
-    # a kernel that accepts the write but keeps the lifetime peak must not pass for a per-epoch figure
-    return peak is not None and rss is not None and peak <= rss + _RESET_SLACK_MB
 
 
 class _RssSampler:
@@ -92,30 +58,20 @@ class EpochMemory:
 
     Args:
         device: the device the stage trains on (CUDA adds the allocator figures).
-        interval_s: sampling interval of the RSS thread (used only where the kernel peak cannot be reset).
-        use_kernel_peak: read the kernel's resettable high-water mark when available (False: always sample).
+        interval_s: sampling interval of the RSS thread, in seconds.
     """
 
-    def __init__(self, device: torch.device, interval_s: float = 0.02, use_kernel_peak: bool = True) -> None:
+    def __init__(self, device: torch.device, interval_s: float = 0.02) -> None:
         self.device = device
         self.interval_s = interval_s
-        self.use_kernel_peak = use_kernel_peak
         self._sampler: _RssSampler | None = None
-        self._kernel = False
-        self.method = ""
 
     def start(self) -> None:
-        """Open a window: reset the CUDA peaks and the RSS peak (or start the sampler)."""
+        """Open a window: reset the CUDA allocator's peaks and start the RSS sampler."""
         self.close()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._kernel = self.use_kernel_peak and _reset_kernel_peak()
-        if not self._kernel:
-            self._sampler = _RssSampler(self.interval_s)
-        method = "kernel high-water mark" if self._kernel else f"sampled every {self.interval_s * 1000:.0f} ms"
-        if method != self.method:
-            log.info("memory/cpu_rss_peak_mb: peak resident memory per epoch, %s", method)
-            self.method = method
+        self._sampler = _RssSampler(self.interval_s)
 
     def stop(self) -> dict[str, float]:
         """Close the window; returns its ``memory/...`` metrics in MiB (see the module docstring)."""
@@ -123,13 +79,9 @@ class EpochMemory:
         if self.device.type == "cuda":
             metrics["memory/cuda_allocated_peak_mb"] = torch.cuda.max_memory_allocated(self.device) / _MIB
             metrics["memory/cuda_reserved_peak_mb"] = torch.cuda.max_memory_reserved(self.device) / _MIB
-        peak = _kernel_peak_mb() if self._kernel else None
         if self._sampler is not None:
-            peak = self._sampler.stop() / _MIB
+            metrics["memory/cpu_rss_peak_mb"] = self._sampler.stop() / _MIB
             self._sampler = None
-        if peak is not None:
-            metrics["memory/cpu_rss_peak_mb"] = peak
-        self._kernel = False
         return metrics
 
     def close(self) -> None:
