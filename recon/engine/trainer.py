@@ -319,7 +319,11 @@ class ReconStage(StageHooks):
         return tuple(self.model.names) if isinstance(self.model, MixtureOfExperts) else ()
 
     def probe_mb(self, data: _Data) -> float | None:
-        """The memory probe's estimate for the largest training input, in MiB (None if unavailable)."""
+        """The memory probe's figure for one step at the largest training input, in MiB (None if unavailable).
+
+        For an MoE it adds the weights and optimizer state of the experts that do not train the step, as
+        the tuner's prediction does (:mod:`tracking.tune.memory`).
+        """
         try:
             from recon.engine.memory import probe_training_step
         except ImportError:
@@ -330,7 +334,10 @@ class ReconStage(StageHooks):
         _, coils, height, width = max(shapes, key=lambda s: s[1] * s[2] * s[3])
         estimate = probe_training_step(self.cfg.model, coils, height, width, device=str(self.device),
                                        batch_size=self.cfg.train.batch_size)
-        return estimate.peak_bytes / 2**20
+        peak = estimate.peak_bytes
+        if isinstance(self.model, MixtureOfExperts):  # the idle experts' weights and AdamW state stay resident
+            peak += (len(self.model.names) - 1) * (estimate.params_bytes + estimate.optimizer_bytes)
+        return peak / 2**20
 
 
 def run_stage(

@@ -119,3 +119,15 @@ def test_helper_shares_equal_the_masks_it_drew(tiny_data, tmp_path):
     assert metrics["train/augmented_share"] == pytest.approx(augmented)
     assert metrics["schedule/p_remask"] == pytest.approx(prob_at(cfg.p_mask, 0)) == pytest.approx(0.6)
     assert metrics["schedule/p_aug"] == pytest.approx(0.5)
+
+
+def test_moe_prediction_counts_the_idle_experts(tiny_data, tmp_path):
+    base_cfg, base_res = _stage("hacker_baseline", tiny_data, tmp_path / "b")
+    moe_cfg, moe_res = _stage("hacker_moe", tiny_data, tmp_path / "m")
+    assert moe_cfg.model == base_cfg.model and len(moe_cfg.moe.experts) == 4
+    base, moe = ReconStage(base_cfg, base_res), ReconStage(moe_cfg, moe_res)
+    one_expert = sum(p.numel() * p.element_size() for p in base.model.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in base.model.parameters() if p.requires_grad)
+    # three idle experts keep their weights and both AdamW moments resident
+    extra = 3 * (one_expert + 2 * trainable) / 2**20
+    assert moe.probe_mb(moe.data) == pytest.approx(base.probe_mb(base.data) + extra, rel=1e-6)
