@@ -77,6 +77,8 @@ class Panel:
     target: np.ndarray
     zero_filled: np.ndarray
     output: np.ndarray
+    max_value: float = float("nan")
+    ssim: float = float("nan")
 
 
 @dataclass(frozen=True)
@@ -85,10 +87,15 @@ class EpochEnd:
 
     Attributes:
         epoch: absolute epoch number (0-based).
-        metrics: flat metric names to floats. The engine uses ``train/loss``, ``val/ssim``,
-            ``val/ssim/<group>`` (``brain_acc4``..., or per expert), ``lr``, ``p_mask``, ``p_aug``,
-            ``time/epoch_s``, ``throughput/slices_per_s``, ``memory/peak_mb``, ``memory/probe_mb``
-            and ``best_val_ssim`` (the classifier: ``val/accuracy``, ``val/file_accuracy``...).
+        metrics: flat metric names to floats (the README's "Metric names" table). A reconstruction
+            stage: ``train/loss``, ``train/mask_share/{file,public,equispaced,random}``,
+            ``train/augmented_share``, ``val/ssim``, ``val/ssim/acc4``, ``val/ssim/acc8``,
+            ``val/ssim/<group>`` (``brain_acc4``..., or per expert), ``val/leaderboard``, ``lr``,
+            ``schedule/p_remask``, ``schedule/p_aug``, ``time/epoch_s``, ``throughput/slices_per_s``,
+            ``memory/cpu_rss_peak_mb`` (and on CUDA ``memory/cuda_allocated_peak_mb``,
+            ``memory/cuda_reserved_peak_mb``; every memory figure is the peak within this epoch),
+            ``memory/probe_predicted_mb`` and ``best_val_ssim``. The classifier: ``val/accuracy``,
+            ``val/file_accuracy``, ``val/loss``, ``best_val_accuracy``...
         panels: reconstruction panels, on the epochs the configuration asks for; else empty.
     """
 

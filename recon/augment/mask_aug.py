@@ -108,6 +108,14 @@ class MaskAugmenter:
     def __init__(self, cfg: MaskAugConfig) -> None:
         self.cfg = cfg
 
+    def remask_probability(self, p: float) -> float:
+        """The probability that a training slice's file mask is replaced, given the schedule's ``p``.
+
+        This is what happens, whatever the schedule says: 1 for ``"hacker"`` (always the public
+        pattern), ``p`` for ``"helper"``, 0 for ``"off"``. The engine logs it as ``schedule/p_remask``.
+        """
+        return {"hacker": 1.0, "helper": float(p)}.get(self.cfg.mode, 0.0)
+
     def excluding_public(self, epoch: int) -> bool:
         """Whether the Helper excludes the public pattern at ``epoch``."""
         first = self.cfg.exclude_public_from_epoch

@@ -2,7 +2,8 @@
 
 :func:`run_loop` resumes or initialises the weights, builds the optimizer (and restores its state
 and the RNG streams on resume), writes ``config.yaml``, emits :class:`~recon.events.StageStart`,
-then for every epoch sets the learning rate, times the epoch and its peak memory, lets the stage
+then for every epoch sets the learning rate, times the epoch and measures its memory peaks
+(:class:`~recon.engine.memory_meter.EpochMemory`, reset every epoch), lets the stage
 train and validate, emits :class:`~recon.events.EpochEnd`, writes ``last`` (and ``best``) checkpoints,
 and finally emits :class:`~recon.events.StageEnd`. A non-finite or stuck loss is a
 :class:`DivergenceError`: the loop emits :class:`~recon.events.Divergence` and re-raises it.
@@ -26,7 +27,8 @@ from torch import nn
 from recon.config import dump_yaml
 from recon.engine import distributed as dist
 from recon.engine.checkpoint import Checkpoint, load_state_strict
-from recon.engine.runtime import peak_memory_mb, reset_peak_memory, select_device, write_checkpoint
+from recon.engine.memory_meter import EpochMemory
+from recon.engine.runtime import select_device, write_checkpoint
 from recon.engine.stage import StageConfig
 from recon.errors import InputError
 from recon.events import Callback, Divergence, EpochEnd, Panel, StageEnd, StageStart
@@ -190,17 +192,19 @@ def run_loop(
         callbacks.on_stage_start(start_event)
     last_path = best_path = None
     status = "failed"
+    memory = EpochMemory(device)
     try:
         for epoch in range(start, cfg.train.epochs):
             lr = lr_at(cfg.lr, epoch)
             set_lr(optimizer, lr)
-            reset_peak_memory(device)
+            memory.start()
             t0 = time.perf_counter()
             metrics = hooks.train_epoch(epoch, optimizer)
             train_s = time.perf_counter() - t0
             want_panels = cfg.train.panel_every > 0 and (epoch - start) % cfg.train.panel_every == 0
             val_metrics, panels = hooks.validate_epoch(epoch, want_panels)
             metrics.update(val_metrics)
+            metrics.update(memory.stop())
             score = hooks.score(metrics)
             improved = hooks.record_best(metrics, best)
             if improved:
@@ -209,7 +213,6 @@ def run_loop(
             metrics.update({
                 "time/epoch_s": time.perf_counter() - t0,
                 "throughput/slices_per_s": hooks.trained_slices(metrics) / max(train_s, 1e-9),
-                "memory/peak_mb": peak_memory_mb(device),
             })
             metrics.update(hooks.best_metrics(best))
             metrics.update(hooks.extra_metrics())
@@ -232,6 +235,7 @@ def run_loop(
             callbacks.on_divergence(exc.event)
         raise
     finally:
+        memory.close()
         best_file = out_dir / "checkpoints" / "best.pt"
         end = StageEnd(
             status=status, best_metric=None if best == -math.inf else best, best_epoch=best_epoch,

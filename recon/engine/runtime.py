@@ -1,9 +1,10 @@
-"""Runtime helpers of the stage loop: device, memory peaks, checkpoint writing."""
+"""Runtime helpers of the stage loop: device selection and checkpoint writing.
+
+The per-epoch memory figures are measured by :mod:`recon.engine.memory_meter`.
+"""
 
 from __future__ import annotations
 
-import resource
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,21 +22,6 @@ def select_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
     return torch.device(name)
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak-memory window (CUDA allocator; the CPU figure is the process peak)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA allocator peak since the last reset, or the process peak RSS on the CPU, in MiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    # Linux reports KiB, macOS bytes
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def write_checkpoint(

@@ -103,7 +103,7 @@ class TrainConfig(Section):
         stuck_steps: consecutive steps with loss >= 1 - 1e-4 that count as divergence.
         progress: tqdm progress bars.
         probe_memory: run the memory probe at stage start and log its estimate every epoch
-            (``memory/probe_mb``); the tuner switches it off because it has probed already.
+            (``memory/probe_predicted_mb``); the tuner switches it off because it has probed already.
     """
 
     start_epoch: int = 0

@@ -46,6 +46,11 @@ from recon.seeding import derive_seed, determinism_flags, worker_init_fn
 log = logging.getLogger(__name__)
 
 STUCK_LOSS = 1.0 - 1e-4
+#: how a training slice's mask was chosen (:class:`recon.augment.mask_aug.MaskDecision` ``kind``)
+MASK_KINDS = ("file", "public", "equispaced", "random")
+#: per epoch, the share of the trained slices of each mask kind and of the slices MRAugment changed
+SHARE_NAMES = {**{f"mask/{kind}": f"train/mask_share/{kind}" for kind in MASK_KINDS},
+               "augmented": "train/augmented_share"}
 
 
 @dataclass
@@ -220,7 +225,7 @@ class ReconStage(StageHooks):
             optimizer.step()
             losses.append(total)
             step += 1
-        kinds = ("mask/file", "mask/public", "mask/random", "mask/equispaced", "augmented")
+        kinds = tuple(f"mask/{kind}" for kind in MASK_KINDS) + ("augmented",)
         slices_here = sum(v for k, v in counts.items() if k.startswith("expert/"))
         summed = self.ctx.all_reduce_sum(
             [float(sum(losses)), float(len(losses)), float(slices_here)] + [float(counts.get(k, 0)) for k in kinds]
@@ -230,7 +235,7 @@ class ReconStage(StageHooks):
                    "train/slices": slices}
         if slices:
             for key, value in zip(kinds, summed[3:]):
-                metrics[f"train/{key.replace('/', '_')}_fraction"] = value / slices
+                metrics[SHARE_NAMES[key]] = value / slices
         return metrics
 
     def validate_epoch(self, epoch: int, panels: bool) -> tuple[dict[str, float], tuple[Panel, ...]]:
@@ -286,9 +291,10 @@ class ReconStage(StageHooks):
         return train_metrics["train/slices"]
 
     def schedule_metrics(self, epoch: int, lr: float) -> dict[str, float]:
-        """``lr`` and the mask and MRAugment probabilities of the epoch."""
-        p_mask, p_aug = self.train_ds.transform.probabilities(epoch)
-        return {"lr": lr, "p_mask": p_mask, "p_aug": p_aug}
+        """``lr``, ``schedule/p_remask`` (what the mask augmentation does: 1 for a Hacker) and ``schedule/p_aug``."""
+        transform = self.train_ds.transform
+        p_mask, p_aug = transform.probabilities(epoch)
+        return {"lr": lr, "schedule/p_remask": transform.mask_aug.remask_probability(p_mask), "schedule/p_aug": p_aug}
 
     def score(self, metrics: dict[str, float]) -> float:
         """``val/ssim``."""
@@ -303,8 +309,8 @@ class ReconStage(StageHooks):
         return {"best_val_ssim": best}
 
     def extra_metrics(self) -> dict[str, float]:
-        """``memory/probe_mb`` when the probe ran."""
-        return {"memory/probe_mb": self.probe} if self.probe is not None else {}
+        """``memory/probe_predicted_mb`` when the probe ran."""
+        return {"memory/probe_predicted_mb": self.probe} if self.probe is not None else {}
 
     def model_config(self) -> dict[str, Any]:
         """``PromptMRConfig.to_dict()`` (one for all experts)."""
@@ -315,7 +321,11 @@ class ReconStage(StageHooks):
         return tuple(self.model.names) if isinstance(self.model, MixtureOfExperts) else ()
 
     def probe_mb(self, data: _Data) -> float | None:
-        """The memory probe's estimate for the largest training input, in MiB (None if unavailable)."""
+        """The memory probe's figure for one step at the largest training input, in MiB (None if unavailable).
+
+        For an MoE it adds the weights and optimizer state of the experts that do not train the step, as
+        the tuner's prediction does (:mod:`tracking.tune.memory`).
+        """
         try:
             from recon.engine.memory import probe_training_step
         except ImportError:
@@ -326,7 +336,10 @@ class ReconStage(StageHooks):
         _, coils, height, width = max(shapes, key=lambda s: s[1] * s[2] * s[3])
         estimate = probe_training_step(self.cfg.model, coils, height, width, device=str(self.device),
                                        batch_size=self.cfg.train.batch_size)
-        return estimate.peak_bytes / 2**20
+        peak = estimate.peak_bytes
+        if isinstance(self.model, MixtureOfExperts):  # the idle experts' weights and AdamW state stay resident
+            peak += (len(self.model.names) - 1) * (estimate.params_bytes + estimate.optimizer_bytes)
+        return peak / 2**20
 
 
 def run_stage(

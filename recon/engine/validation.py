@@ -37,8 +37,9 @@ def metrics_from_stats(stats: GroupStats) -> dict[str, float]:
     """Metrics from per-group ``(sum of slice scores, slice count)``.
 
     Keys of ``stats`` are expert names (``brain_acc4``...); the result has ``val/ssim`` (slice
-    weighted over everything), ``val/ssim/<group>``, ``val/ssim_acc4``/``val/ssim_acc8`` and
-    ``val/leaderboard`` (their mean, as the challenge), and ``val/slices``.
+    weighted over everything), ``val/ssim/<group>``, ``val/ssim/acc4``/``val/ssim/acc8`` (slice
+    weighted per acceleration), ``val/leaderboard`` (the mean of those two, as the challenge
+    scores) and ``val/slices``.
     """
     total = sum(s for s, _ in stats.values())
     count = sum(n for _, n in stats.values())
@@ -54,9 +55,9 @@ def metrics_from_stats(stats: GroupStats) -> dict[str, float]:
             by_acc[acc][1] += n
     for acc, (s, n) in sorted(by_acc.items()):
         if n:
-            metrics[f"val/ssim_acc{acc}"] = s / n
-    if "val/ssim_acc4" in metrics and "val/ssim_acc8" in metrics:
-        metrics["val/leaderboard"] = 0.5 * (metrics["val/ssim_acc4"] + metrics["val/ssim_acc8"])
+            metrics[f"val/ssim/acc{acc}"] = s / n
+    if "val/ssim/acc4" in metrics and "val/ssim/acc8" in metrics:
+        metrics["val/leaderboard"] = 0.5 * (metrics["val/ssim/acc4"] + metrics["val/ssim/acc8"])
     return metrics
 
 
@@ -92,5 +93,7 @@ def validate(
                     target=item.target.numpy(),
                     zero_filled=zero_filled(item).numpy(),
                     output=output.numpy(),
+                    max_value=float(item.max_value),
+                    ssim=float(score),
                 ))
     return {k: (float(v[0]), int(v[1])) for k, v in stats.items()}, panels

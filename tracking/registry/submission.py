@@ -17,8 +17,9 @@ Everything goes to one MLflow run named ``submission`` (tag ``smartify.kind=subm
   the data folder, its fingerprint digest, device, budget, anatomy source;
 * tags: ``smartify.models`` (``name/version`` of each role), ``lineage.<role>``
   (``models:/name/version``), ``lineage.<role>.run_id``, the budget verdict;
-* metrics: ``leaderboard/ssim_acc4``, ``leaderboard/ssim_acc8``, ``leaderboard/ssim`` (when labels
-  exist), ``time/total_s`` (the clock starts before the models are fetched), ``time/setup_s``,
+* metrics: ``submission/ssim/acc4``, ``submission/ssim/acc8``, ``submission/ssim/<anatomy>_acc<N>`` and
+  ``submission/leaderboard`` (the challenge score, the mean of acc4 and acc8; when labels exist; the same
+  names as a stage's ``val/...``), ``time/total_s`` (the clock starts before the models are fetched), ``time/setup_s``,
   ``time/seconds_per_slice``, ``time/budget_fraction``, ``routing/hacker_ratio``, ``slices``,
   ``files``, ``within_budget``;
 * artifacts under ``submission/``: ``routing.json``, ``manifest.json`` (file names and sha256),
@@ -260,8 +261,9 @@ def _log_outcome(client, run_id: str, recon: ReconResult, evaluation: dict[str, 
         "files": float(len(recon.files)), "within_budget": float(recon.within_budget),
     }
     if evaluation is not None:
-        values.update({"leaderboard/ssim_acc4": evaluation["acc4"], "leaderboard/ssim_acc8": evaluation["acc8"],
-                       "leaderboard/ssim": evaluation["leaderboard"]})
+        values.update({"submission/ssim/acc4": evaluation["acc4"], "submission/ssim/acc8": evaluation["acc8"],
+                       "submission/leaderboard": evaluation["leaderboard"]})
+        values.update({f"submission/ssim/{group}": v for group, v in evaluation.get("groups", {}).items()})
     client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
     client.set_tag(run_id, "submission.verdict", recon.verdict)
     manifest = {"out_dir": recon.out_dir, "files": len(recon.files), "sha256": recon.manifest}

@@ -20,7 +20,7 @@ from recon.io import atomic_path
 
 History = Mapping[str, Sequence[tuple[int, float]]]
 
-SCHEDULE_KEYS = ("lr", "p_mask", "p_aug")
+SCHEDULE_KEYS = ("lr", "schedule/p_remask", "schedule/p_aug")
 #: validation scores on one 0..1 scale (counts such as ``val/slices`` stay out of the plot)
 SCORE_WORDS = ("ssim", "accuracy", "leaderboard")
 

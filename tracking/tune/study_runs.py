@@ -162,7 +162,7 @@ class StudyTracker:
             tags["optuna.value"] = f"{trial.value:.6g}"
         metrics = []
         if attrs.get("predicted_bytes") is not None:
-            metrics.append(("memory/predicted_mb", attrs["predicted_bytes"] / 2**20, _now_ms(), 0))
+            metrics.append(("memory/probe_predicted_mb", attrs["predicted_bytes"] / 2**20, _now_ms(), 0))
         inner = getattr(run, "inner", None)
         run_id = getattr(inner, "run_id", None)
         if run_id is None:  # no stage started (predicted OOM, bad configuration): a run for the record

@@ -31,9 +31,9 @@ def test_group_means_are_sum_over_count() -> None:
 def test_acceleration_scores_are_slice_weighted_over_anatomies() -> None:
     m = metrics_from_stats(STATS)
     # acc4: (1.8 + 2.1) / (2 + 3) = 0.78, not the mean of the group means (0.8)
-    assert m["val/ssim_acc4"] == pytest.approx(0.78)
+    assert m["val/ssim/acc4"] == pytest.approx(0.78)
     # acc8: (0.6 + 1.4) / (1 + 2) = 2/3, not (0.6 + 0.7) / 2 = 0.65
-    assert m["val/ssim_acc8"] == pytest.approx(2.0 / 3.0)
+    assert m["val/ssim/acc8"] == pytest.approx(2.0 / 3.0)
 
 
 def test_leaderboard_is_the_mean_of_acc4_and_acc8() -> None:
@@ -46,7 +46,7 @@ def test_leaderboard_is_the_mean_of_acc4_and_acc8() -> None:
 
 def test_exact_key_set() -> None:
     assert set(metrics_from_stats(STATS)) == {
-        "val/slices", "val/ssim", "val/leaderboard", "val/ssim_acc4", "val/ssim_acc8",
+        "val/slices", "val/ssim", "val/leaderboard", "val/ssim/acc4", "val/ssim/acc8",
         "val/ssim/brain_acc4", "val/ssim/knee_acc4", "val/ssim/brain_acc8", "val/ssim/knee_acc8",
     }
 
@@ -54,22 +54,22 @@ def test_exact_key_set() -> None:
 def test_acceleration_is_parsed_from_the_group_name() -> None:
     # the number after the last "acc", with more than one digit too
     m = metrics_from_stats({"knee_acc12": (1.5, 3), "brain_acc12": (0.5, 1)})
-    assert m["val/ssim_acc12"] == pytest.approx(0.5)
-    assert "val/ssim_acc1" not in m and "val/ssim_acc2" not in m
+    assert m["val/ssim/acc12"] == pytest.approx(0.5)
+    assert "val/ssim/acc1" not in m and "val/ssim/acc2" not in m
     assert "val/leaderboard" not in m  # needs both acc4 and acc8
 
 
 def test_one_acceleration_gives_no_leaderboard() -> None:
     m = metrics_from_stats({"brain_acc4": (0.9, 1), "knee_acc4": (0.5, 1)})
-    assert m["val/ssim_acc4"] == pytest.approx(0.7)
-    assert "val/ssim_acc8" not in m
+    assert m["val/ssim/acc4"] == pytest.approx(0.7)
+    assert "val/ssim/acc8" not in m
     assert "val/leaderboard" not in m
 
 
 def test_empty_groups_are_left_out() -> None:
     m = metrics_from_stats({"brain_acc4": (0.9, 1), "brain_acc8": (0.0, 0)})
     assert "val/ssim/brain_acc8" not in m
-    assert "val/ssim_acc8" not in m
+    assert "val/ssim/acc8" not in m
     assert "val/leaderboard" not in m
     assert m["val/ssim"] == pytest.approx(0.9)
     assert metrics_from_stats({}) == {"val/slices": 0.0}
@@ -121,3 +121,5 @@ def test_validate_sums_scores_per_expert_and_collects_panels(monkeypatch: pytest
     assert seen == [(0.25, 2.0, "brain"), (0.5, 3.0, "knee"), (0.75, 4.0, "brain")]
     assert [p.name for p in panels] == ["knee_acc8_1.h5:11"]
     assert panels[0].output.shape == (4, 4) and panels[0].zero_filled.shape == (4, 4)
+    # the panel carries the volume's max (the error-map scale) and the slice's own score
+    assert panels[0].max_value == 3.0 and panels[0].ssim == pytest.approx(0.5)

@@ -73,9 +73,13 @@ def test_submission_logs_champion_versions_scores_and_manifest(
 
     # scores equal the official evaluation of the written folder
     expected = evaluate_folder(leaderboard, out)
-    assert metrics["leaderboard/ssim"] == pytest.approx(expected["leaderboard"])
-    assert metrics["leaderboard/ssim_acc4"] == pytest.approx(expected["acc4"])
-    assert metrics["leaderboard/ssim_acc8"] == pytest.approx(expected["acc8"])
+    assert metrics["submission/leaderboard"] == pytest.approx(expected["leaderboard"])
+    assert metrics["submission/ssim/acc4"] == pytest.approx(expected["acc4"])
+    assert metrics["submission/ssim/acc8"] == pytest.approx(expected["acc8"])
+    assert expected["groups"]  # per anatomy x acceleration, under the stage runs' group names
+    for group, value in expected["groups"].items():
+        assert metrics[f"submission/ssim/{group}"] == pytest.approx(value)
+    assert not any(k.startswith("leaderboard/") for k in metrics)
     assert metrics["routing/hacker_ratio"] == pytest.approx(1.0)
     assert metrics["within_budget"] == 1.0 and 0 < metrics["time/total_s"] < 3600
     assert metrics["slices"] == result.recon.slices > 0

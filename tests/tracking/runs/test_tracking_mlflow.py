@@ -63,8 +63,9 @@ def stage_start(out: Path, start: int = 0, epochs: int = 3, config=CONFIG, **kw)
 def epoch_end(epoch: int, panels: bool = False) -> EpochEnd:
     rng = np.random.default_rng(epoch)
     metrics = {"train/loss": 1.0 / (epoch + 1), "val/ssim": 0.5 + 0.05 * epoch, "lr": 1e-3 * 0.9 ** epoch,
-               "p_mask": 0.1 * epoch, "p_aug": 0.05 * epoch, "time/epoch_s": 1.5, "throughput/slices_per_s": 40.0,
-               "memory/peak_mb": 321.0 + epoch, "memory/probe_mb": 300.0, "best_val_ssim": 0.5 + 0.05 * epoch}
+               "schedule/p_remask": 0.1 * epoch, "schedule/p_aug": 0.05 * epoch, "time/epoch_s": 1.5,
+               "throughput/slices_per_s": 40.0, "memory/cpu_rss_peak_mb": 321.0 + epoch,
+               "memory/probe_predicted_mb": 300.0, "best_val_ssim": 0.5 + 0.05 * epoch}
     metrics.update({f"val/ssim/{g}": 0.4 + 0.01 * i + 0.05 * epoch for i, g in enumerate(GROUPS)})
     shown = ()
     if panels:
@@ -123,10 +124,11 @@ def test_stage_run_has_params_tags_metrics_artifacts_and_plots(stores, client, t
     assert t["version.torch"] == torch.__version__ and t["version.mlflow"] and t["version.optuna"]
     assert run.info.status == "FINISHED" and run.info.run_name == "hacker_baseline"
 
-    for key in ("train/loss", "val/ssim", "val/ssim/knee_acc8", "lr", "p_mask", "p_aug", "memory/peak_mb",
-                "memory/probe_mb", "best_val_ssim", "time/epoch_s", "throughput/slices_per_s"):
+    for key in ("train/loss", "val/ssim", "val/ssim/knee_acc8", "lr", "schedule/p_remask", "schedule/p_aug",
+                "memory/cpu_rss_peak_mb", "memory/probe_predicted_mb", "best_val_ssim", "time/epoch_s",
+                "throughput/slices_per_s"):
         assert steps(client, run_id, key) == [0, 1, 2], key
-    assert run.data.metrics["memory/peak_mb"] == 323.0
+    assert run.data.metrics["memory/cpu_rss_peak_mb"] == 323.0
 
     arts = artifact_paths(client, run_id)
     assert {"config.yaml", "data_fingerprint.json", "checkpoints/best.pt", "checkpoints/last.pt",
@@ -160,9 +162,9 @@ def test_resume_reopens_the_run_without_duplicates_or_new_param_values(stores, c
     run_id = state["mlflow_run_id"]
     assert cb2.state_dict() == state
     run = client.get_run(run_id)
-    for key in ("train/loss", "val/ssim/brain_acc4", "memory/peak_mb", "lr"):
+    for key in ("train/loss", "val/ssim/brain_acc4", "memory/cpu_rss_peak_mb", "lr"):
         assert steps(client, run_id, key) == [0, 1, 2, 3, 4], key
-    epoch2 = [m.value for m in client.get_metric_history(run_id, "memory/peak_mb") if m.step == 2]
+    epoch2 = [m.value for m in client.get_metric_history(run_id, "memory/cpu_rss_peak_mb") if m.step == 2]
     assert epoch2 == [323.0]
     assert run.data.params["optim.lr"] == "0.001"  # params are immutable: first value kept
     assert run.data.params["optim.warmup"] == "2"  # a new key is logged

@@ -22,7 +22,8 @@ from tracking.runs.writer import TrackingWriter, replay_spool
 
 pytestmark = pytest.mark.integration
 
-KEYS = ("train/loss", "val/ssim", "val/ssim/brain_acc8", "lr", "p_mask", "p_aug", "memory/peak_mb", "best_val_ssim")
+KEYS = ("train/loss", "val/ssim", "val/ssim/brain_acc8", "lr", "schedule/p_remask", "schedule/p_aug",
+        "memory/cpu_rss_peak_mb", "best_val_ssim")
 
 
 def free_port() -> int:
