@@ -26,6 +26,7 @@ from torch import nn
 from recon.config import dump_yaml
 from recon.engine import distributed as dist
 from recon.engine.checkpoint import Checkpoint, load_state_strict
+from recon.engine.outputs import resume_tracking
 from recon.engine.runtime import peak_memory_mb, reset_peak_memory, select_device, write_checkpoint
 from recon.engine.stage import StageConfig
 from recon.errors import InputError
@@ -162,7 +163,7 @@ def run_loop(
         checkpoint = _resume(hooks, resume)
         start = checkpoint.epoch + 1
         best = float(checkpoint.best_metric) if checkpoint.best_metric is not None else -math.inf
-        best_epoch, resume_state = checkpoint.best_epoch, dict(checkpoint.tracking)
+        best_epoch, resume_state = checkpoint.best_epoch, resume_tracking(checkpoint, out_dir)
     elif init_source:
         donor = Checkpoint.load(init_source, which="best")
         hooks.init_weights(donor)
