@@ -16,6 +16,13 @@ A pipeline file (``experiments/pipeline.yaml``, ``experiments/demo.yaml``) is da
 Stage and tune paths are relative to the pipeline file. ``init_from`` and ``promote`` name earlier
 steps. Every stage run nests under one parent MLflow run; promotion is gated (a refusal is
 reported, not forced); the submission uses the registry's ``champion`` aliases.
+
+Re-runs never replace results (:func:`choose_workdir`): when ``workdir`` already holds results (anything
+besides its ``data/`` folder), the invocation writes into the first free numbered folder beside it
+(``runs/demo-2``, ``runs/demo-3``, ...), says so, and logs the folder used as the parent run's ``workdir``
+param; ``overwrite`` writes into ``workdir`` itself and replaces each stage's checkpoints. The data set
+a pipeline synthesises stays in ``<workdir>/data`` of the named workdir, written once and shared by
+the numbered folders.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from typing import Any
 from recon.config import from_dict, load_yaml_layers
 from recon.errors import InputError
 from tracking.runs.callback import parent_run
+from tracking.runs.writer import TrackingWriter
 from tracking.runs.stores import Stores, resolve_stores
 from tracking.train import StageTracking, run_tracked_stage
 
@@ -135,17 +143,58 @@ def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> 
     return cfg, path.parent
 
 
+#: The folder of a workdir that holds the synthesised data set (not a result).
+DATA_FOLDER = "data"
+
+
+def holds_results(folder: Path) -> bool:
+    """Whether a workdir holds an earlier invocation's results (any entry besides ``data/``)."""
+    return folder.is_dir() and any(entry.name != DATA_FOLDER for entry in folder.iterdir())
+
+
+def choose_workdir(workdir: str | Path, overwrite: bool = False) -> Path:
+    """The folder an invocation writes into (see the module docstring).
+
+    Args:
+        workdir: the pipeline's ``workdir``.
+        overwrite: use ``workdir`` even when it holds results.
+
+    Returns:
+        ``workdir`` when it holds no results or ``overwrite`` is set, else the first ``<workdir>-N``
+        (N = 2, 3, ...) that holds none.
+    """
+    workdir = Path(workdir)
+    if overwrite or not holds_results(workdir):
+        return workdir
+    base = workdir if workdir.name else workdir.resolve()
+    number = 2
+    while holds_results(base.with_name(f"{base.name}-{number}")):
+        number += 1
+    return base.with_name(f"{base.name}-{number}")
+
+
 class PipelineRunner:
-    """Runs a :class:`PipelineConfig` under one parent MLflow run."""
+    """Runs a :class:`PipelineConfig` under one parent MLflow run.
+
+    Args:
+        cfg: the pipeline.
+        base_dir: the folder stage and tune paths are relative to (the pipeline file's).
+        stores: tracking stores (None: resolved from the environment).
+        device: device for every stage, or None (the stage's).
+        overwrite: write into ``cfg.workdir`` even when it holds results, replacing each stage's checkpoints
+            (else a numbered workdir is chosen, see :func:`choose_workdir`).
+    """
 
     def __init__(self, cfg: PipelineConfig, base_dir: Path, stores: Stores | None = None,
-                 device: str | None = None) -> None:
+                 device: str | None = None, overwrite: bool = False) -> None:
         self.cfg = cfg
         self.base_dir = base_dir
         self.stores = stores or resolve_stores()
         self.device = device
-        self.workdir = Path(cfg.workdir)
-        self.data_root = Path(cfg.data_root) if cfg.data_root else self.workdir / "data"
+        self.overwrite = overwrite
+        self.workdir = choose_workdir(cfg.workdir, overwrite)
+        # synthesised data stay in the named workdir: a re-run in a numbered one reuses them
+        self.data_root = Path(cfg.data_root) if cfg.data_root else Path(cfg.workdir) / DATA_FOLDER
         self.outputs: dict[str, Path] = {}
         self.versions: dict[str, Any] = {}
 
@@ -172,7 +221,7 @@ class PipelineRunner:
         outcome = run_tracked_stage(self.base_dir / str(step.train), self._stage_overrides(step),
                                     init_from=self._resolve_init(step.init_from), tracking=tracking,
                                     stores=self.stores, register=step.register,
-                                    register_experiment=self.cfg.experiment)
+                                    register_experiment=self.cfg.experiment, overwrite=self.overwrite)
         if outcome.status == "diverged":
             return StepResult(step.name, "train", "diverged", outcome.seconds, detail=outcome.error)
         self.outputs[step.name] = outcome.output_dir
@@ -241,8 +290,13 @@ class PipelineRunner:
             log.info("writing the %s synthetic data set to %s", self.cfg.synth.preset, self.data_root)
             write_dataset(self.data_root, preset=self.cfg.synth.preset, seed=self.cfg.synth.seed,
                           grappa=self.cfg.synth.grappa, progress=True)
+        if self.workdir != Path(self.cfg.workdir):
+            log.warning("pipeline %s: %s holds an earlier run's results; writing this run to %s "
+                        "(--overwrite replaces them instead)", self.cfg.name, self.cfg.workdir, self.workdir)
         tags = {"smartify.pipeline": self.cfg.name, "smartify.workdir": str(self.workdir)}
-        with parent_run(self.stores, self.cfg.experiment, f"pipeline-{self.cfg.name}", tags) as parent_id:
+        writer = TrackingWriter(self.stores)
+        with parent_run(self.stores, self.cfg.experiment, f"pipeline-{self.cfg.name}", tags, writer) as parent_id:
+            writer.log_batch(parent_id, params={"workdir": str(self.workdir), "data_root": str(self.data_root)})
             result = PipelineResult(self.cfg.name, parent_id)
             for step in self.cfg.steps:
                 log.info("pipeline %s: step %s", self.cfg.name, step.name)

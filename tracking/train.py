@@ -1,7 +1,9 @@
 """One tracked training stage: the wiring shared by ``smartify train``, a pipeline's train step and a tuning trial.
 
 :func:`run_tracked_stage` does, in this order: take the stage configuration (a stage file with ``--set``
-items, the configuration stored in the checkpoint a ``resume`` names, or one the caller built); seed the
+items, the configuration stored in the checkpoint a ``resume`` names, or one the caller built); check the
+output folder (:mod:`recon.engine.outputs`: a folder holding checkpoints is refused unless resumed in place
+or ``overwrite`` is set; a resumed copy writes into itself and starts a new MLflow run); seed the
 global RNGs once from it; build the callbacks (the console, then the MLflow adapter on rank 0 unless
 tracking is off, then the caller's own, in the caller's order); run the stage; and, when asked, register
 the best checkpoint in the Model Registry (on rank 0). It returns a :class:`StageOutcome`; a diverged
@@ -11,14 +13,17 @@ when the caller asks for it (a tuning trial turns it into a pruned trial).
 
 from __future__ import annotations
 
+import copy
+import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from recon.engine import distributed
 from recon.engine.stage import StageConfig, load_stage_config
 from recon.engine.loop import DivergenceError
+from recon.engine.outputs import checkpoint_folder, prepare_output_dir, same_folder, written_for
 from recon.engine.trainer import run_stage
 from recon.errors import InputError
 from recon.events import Callback, CallbackList, ConsoleCallback
@@ -30,6 +35,10 @@ if TYPE_CHECKING:  # only for annotations: the registry and the MLflow adapter l
     from tracking.runs.stores import Stores
 
 DEFAULT_EXPERIMENT = "smartify"
+#: Tag of a run that continues the checkpoint of another run (the checkpoint's folder is a copy).
+RESUMED_FROM_TAG = "smartify.resumed_from_run_id"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,13 +106,30 @@ def load_stage(
         InputError: neither a file nor a checkpoint given, or either is invalid.
     """
     if resume is not None:
-        from recon.engine.checkpoint import Checkpoint
-
-        stored = Checkpoint.load(resume, which="last").config
-        return load_stage_config(data=stored, overrides=overrides)
+        cfg, resolved, _ = _load_resumed(resume, overrides)
+        return cfg, resolved
     if config is None:
         raise InputError("a stage needs a stage file or a checkpoint to resume")
     return load_stage_config(config, overrides=overrides)
+
+
+def _load_resumed(
+    resume: str | Path, overrides: Sequence[str],
+) -> tuple[StageConfig, dict[str, Any], tuple[Path, str | None]]:
+    """The resumed configuration, writing into the checkpoint's own folder (see :mod:`recon.engine.outputs`).
+
+    Returns:
+        The typed configuration, its resolved form, and ``(folder the checkpoint was written for, its run id)``.
+    """
+    from recon.engine.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint.load(resume, which="last")
+    stored, folder = written_for(checkpoint), checkpoint_folder(resume)
+    data = copy.deepcopy(checkpoint.config)
+    if not same_folder(stored, folder):  # a copied or moved stage folder continues where it is
+        data["output"]["dir"] = str(folder)
+    cfg, resolved = load_stage_config(data=data, overrides=overrides)
+    return cfg, resolved, (stored, checkpoint.run_id)
 
 
 def stage_callbacks(
@@ -155,6 +181,7 @@ def run_tracked_stage(
     register: bool = False,
     register_experiment: str | None = None,
     raise_divergence: bool = False,
+    overwrite: bool = False,
 ) -> StageOutcome:
     """Load (or take), seed, track, run and optionally register one training stage.
 
@@ -172,15 +199,36 @@ def run_tracked_stage(
         register_experiment: experiment of a ``register-<stage>`` run when the checkpoint has no run in the
             store (None: the registry's default).
         raise_divergence: re-raise :class:`DivergenceError` instead of returning a ``diverged`` outcome.
+        overwrite: delete the checkpoints the output folder already holds (else such a folder is refused,
+            see :func:`recon.engine.outputs.prepare_output_dir`).
 
     Returns:
         The :class:`StageOutcome`.
 
     Raises:
         DivergenceError: the stage diverged and ``raise_divergence`` is set.
-        InputError: a bad configuration, data folder or checkpoint.
+        InputError: a bad configuration, data folder or checkpoint; an output folder that holds checkpoints
+            (without ``overwrite``, unless resumed in place).
     """
-    cfg, resolved = stage if stage is not None else load_stage(config, overrides, resume)
+    resumed = None
+    if stage is not None:
+        cfg, resolved = stage
+    elif resume is not None:
+        cfg, resolved, resumed = _load_resumed(resume, overrides)
+    else:
+        cfg, resolved = load_stage(config, overrides)
+    in_place = resume is not None and same_folder(cfg.output_dir, checkpoint_folder(resume))
+    is_main = distributed.context().is_main
+    if is_main or not overwrite:  # rank 0 alone deletes
+        prepare_output_dir(cfg.output_dir, resume=in_place, overwrite=overwrite)
+    if resumed is not None and resumed[1] and not same_folder(resumed[0], cfg.output_dir):
+        if is_main:
+            then = f"a new MLflow run starts, tagged {RESUMED_FROM_TAG}={resumed[1]}" if tracking is not None else \
+                "tracking is off"
+            log.warning("resuming into %s, not %s where the checkpoint was written: run %s stays with that "
+                        "folder; %s", cfg.output_dir, resumed[0], resumed[1], then)
+        if tracking is not None:
+            tracking = replace(tracking, extra_tags={**tracking.extra_tags, RESUMED_FROM_TAG: resumed[1]})
     seed_everything(cfg.seed, cfg.deterministic)  # an entry point: the global RNGs are seeded once, here
     callback_list, tracker = stage_callbacks(cfg.stage.name, tracking, stores, callbacks)
     listeners = ([tracker] if tracker is not None else []) + list(callbacks)

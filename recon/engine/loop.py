@@ -28,6 +28,7 @@ from recon.config import dump_yaml
 from recon.engine import distributed as dist
 from recon.engine.checkpoint import Checkpoint, load_state_strict
 from recon.engine.memory_meter import EpochMemory
+from recon.engine.outputs import resume_tracking
 from recon.engine.runtime import select_device, write_checkpoint
 from recon.engine.stage import StageConfig
 from recon.errors import InputError
@@ -164,7 +165,7 @@ def run_loop(
         checkpoint = _resume(hooks, resume)
         start = checkpoint.epoch + 1
         best = float(checkpoint.best_metric) if checkpoint.best_metric is not None else -math.inf
-        best_epoch, resume_state = checkpoint.best_epoch, dict(checkpoint.tracking)
+        best_epoch, resume_state = checkpoint.best_epoch, resume_tracking(checkpoint, out_dir)
     elif init_source:
         donor = Checkpoint.load(init_source, which="best")
         hooks.init_weights(donor)

@@ -34,6 +34,10 @@ from recon.sections import DEFAULT_SOURCE, Section
 class StageInfo(Section):
     """What the stage is.
 
+    A stage file must set ``name`` and ``kind`` (itself or through a file it inherits; ``base.yaml``
+    does not): :func:`load_stage_config` refuses it otherwise. The defaults here serve configurations
+    built in code only.
+
     Attributes:
         name: stage name (run name, registry lineage), e.g. ``hacker_baseline``.
         kind: ``baseline`` (one PromptMR+), ``moe`` (4 experts) or ``classifier``.
@@ -207,7 +211,26 @@ class StageConfig(Section):
     @property
     def output_dir(self) -> Path:
         """The stage's output folder with ``{stage}`` expanded."""
-        return Path(self.output.dir.replace("{stage}", self.stage.name))
+        return expand_output_dir(self.output.dir, self.stage.name)
+
+
+def expand_output_dir(template: str, stage: str) -> Path:
+    """An ``output.dir`` value with ``{stage}`` replaced by the stage name."""
+    return Path(template.replace("{stage}", stage))
+
+
+#: Keys every stage must set in its file (or a file it inherits, or ``--set``): no default stands in.
+REQUIRED_KEYS = ("stage.name", "stage.kind")
+
+
+def _require_stage_keys(raw: dict[str, Any], origin: str) -> None:
+    """Refuse a stage whose layers do not set :data:`REQUIRED_KEYS` (an empty file would train the defaults)."""
+    stage = raw.get("stage")
+    for key in REQUIRED_KEYS:
+        name = key.split(".", 1)[1]
+        if not isinstance(stage, dict) or stage.get(name) is None:
+            raise InputError(f"{origin}: {key} is not set: a stage file must name its stage and kind "
+                             "(stage.name, stage.kind) or inherit a file that does")
 
 
 def _expand_model_preset(data: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
@@ -250,7 +273,8 @@ def load_stage_config(
 
     Raises:
         InputError: a problem in the files, the overrides or a value (one line naming the key and
-            the file, ``--set`` or ``<config>`` that set it).
+            the file, ``--set`` or ``<config>`` that set it); ``stage.name`` or ``stage.kind`` set
+            by none of them.
     """
     sources: dict[str, str] = {}
     if data is not None:
@@ -260,6 +284,7 @@ def load_stage_config(
         raw = load_yaml_layers(path, sources=sources)
     raw.pop("inherit", None)
     raw = apply_overrides(raw, parse_overrides(list(overrides)), sources=sources)
+    _require_stage_keys(raw, GIVEN_SOURCE if data is not None else str(path))
     raw = _expand_model_preset(raw, sources)
     cfg = from_dict(StageConfig, raw, sources=sources)
     return cfg, to_dict(cfg)

@@ -14,9 +14,12 @@ PIPELINE_EPILOG = """examples:
   smartify pipeline experiments/demo.yaml
   smartify pipeline experiments/pipeline.yaml --set data_root=/data/snu --set workdir=runs/full
 """
+OVERWRITE_HELP = ("write into the workdir even when it holds an earlier run's results, replacing each stage's "
+                  "checkpoints (default: a new numbered workdir beside it, e.g. runs/demo-2)")
 DEMO_EPILOG = """The demo synthesises the tiny data set, trains the Hacker and Helper baselines, their 4-expert
 mixtures and the classifier, runs a short Optuna study, registers and promotes the models, submits
-the leaderboard from the registry and evaluates it, all as one parent MLflow run.
+the leaderboard from the registry and evaluates it, all as one parent MLflow run. Run again, it
+writes into a new numbered folder (runs/demo-2, ...) and reuses the data in runs/demo/data.
 
 examples:
   smartify demo
@@ -24,9 +27,9 @@ examples:
 """
 
 
-def _run(path: Path, overrides: dict, device: str | None) -> int:
+def _run(path: Path, overrides: dict, device: str | None, overwrite: bool = False) -> int:
     cfg, base = load_pipeline(path, overrides)
-    result = PipelineRunner(cfg, base, device=device).run()
+    result = PipelineRunner(cfg, base, device=device, overwrite=overwrite).run()
     print(format_summary(result))
     bad = [s for s in result.steps if s.status in ("failed", "diverged")]
     return 1 if bad else 0
@@ -35,7 +38,7 @@ def _run(path: Path, overrides: dict, device: str | None) -> int:
 def run_pipeline(args: argparse.Namespace) -> int:
     """``smartify pipeline FILE``: run the file's steps; exit code 1 when a step failed or diverged."""
     overrides = dict(parse_overrides(args.overrides))
-    return _run(Path(args.file), overrides, args.device)
+    return _run(Path(args.file), overrides, args.device, args.overwrite)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -44,7 +47,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.preset != "tiny":
         overrides["synth"] = {"preset": args.preset, "seed": 0, "grappa": "numpy"}
         overrides["workdir"] = f"{args.workdir}-{args.preset}" if args.workdir == "runs/demo" else args.workdir
-    return _run(DEMO_FILE, overrides, args.device)
+    return _run(DEMO_FILE, overrides, args.device, args.overwrite)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a top-level pipeline key (workdir, data_root, name, experiment)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="device for every stage (default: the stage's)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=run_pipeline)
 
     d = sub.add_parser("demo", help="the main job: the whole pipeline on synthetic data",
@@ -62,4 +66,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--workdir", default="runs/demo", help="where data and outputs go (default: runs/demo)")
     d.add_argument("--preset", choices=("tiny", "small"), default="tiny", help="synthetic data size (default: tiny)")
     d.add_argument("--device", choices=("cpu", "cuda"), help="device for every stage")
+    d.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     d.set_defaults(func=run_demo)

@@ -18,6 +18,7 @@ EPILOG = """examples:
   smartify train experiments/tiny/hacker_baseline.yaml --set train.epochs=3
   smartify train experiments/hacker_moe.yaml --init-from runs/hacker_baseline
   smartify train experiments/hacker_baseline.yaml --resume runs/hacker_baseline
+  smartify train experiments/tiny/hacker_baseline.yaml --overwrite   # replaces runs/hacker_baseline's checkpoints
   smartify train experiments/tiny/hacker_baseline.yaml --nproc 2 --set train.batch_size=1
 """
 
@@ -37,7 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_stage_arguments(p)
     p.add_argument("--resume", metavar="PATH",
                    help="resume exactly from a checkpoint file or stage folder (its last.pt); "
-                        "the configuration comes from the checkpoint, --set still applies")
+                        "the configuration comes from the checkpoint, --set still applies; the stage continues "
+                        "in the checkpoint's folder (a copied folder gets a new MLflow run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of a stage whose output.dir already holds checkpoints: its "
+                        "checkpoints/ is deleted when the stage starts (without this, such a folder is refused)")
     p.add_argument("--init-from", metavar="PATH", help="initialise weights only from another stage's checkpoint")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow (console only)")
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
@@ -54,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 #: ``train`` options that take a value, as ``(flag, attribute)``: repeated in every rank when set
 _VALUE_OPTIONS = (("--resume", "resume"), ("--init-from", "init_from"), ("--parent-run-id", "parent_run_id"))
 #: ``train`` switches, as ``(flag, attribute)``: repeated in every rank when on
-_SWITCHES = (("--no-tracking", "no_tracking"), ("--register", "register"))
+_SWITCHES = (("--no-tracking", "no_tracking"), ("--register", "register"), ("--overwrite", "overwrite"))
 
 
 def rank_argv(args: argparse.Namespace) -> list[str]:
@@ -96,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
         return launch(args)
     tracking = None if args.no_tracking else StageTracking(args.experiment, parent_run_id=args.parent_run_id)
     outcome = run_tracked_stage(args.config, args.overrides, resume=args.resume, init_from=args.init_from,
-                                tracking=tracking, register=args.register)
+                                tracking=tracking, register=args.register, overwrite=args.overwrite)
     if outcome.status == "diverged":
         log.error("%s", outcome.error)
         return 3
