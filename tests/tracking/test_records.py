@@ -128,3 +128,15 @@ def test_pipeline_records_hold_what_ran(tiny_data, tmp_path, _isolated_tracking)
                                                         str(tmp_path / "q"))).read_text())
     assert ran["data_root"] == str(tiny_data) and [s["name"] for s in ran["steps"]] == [
         "base", "moe", "search", "promote_moe"]
+
+
+def test_print_config_refuses_an_unknown_init_from_in_one_line(tmp_path, _isolated_tracking):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "data_root": str(tmp_path), "steps": [
+        {"name": "moe", "train": str(TINY / "hacker_moe.yaml"), "init_from": "nope"}]}))
+    proc = subprocess.run([sys.executable, "-m", "tracking.cli", "pipeline", str(path), "--print-config"],
+                          capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip() == ("smartify pipeline: error: step 'moe': init_from 'nope': neither an earlier "
+                                   "train step nor an existing path")
+    assert not any(_isolated_tracking.iterdir())
