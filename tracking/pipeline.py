@@ -14,8 +14,20 @@ A pipeline file (``experiments/pipeline.yaml``, ``experiments/demo.yaml``) is da
       - {name: submit, submit: true}
 
 Stage and tune paths are relative to the pipeline file. ``init_from`` and ``promote`` name earlier
-steps. Every stage run nests under one parent MLflow run; promotion is gated (a refusal is
-reported, not forced); the submission uses the registry's ``champion`` aliases.
+steps. Promotion is gated (a refusal is reported, not forced); the submission uses the registry's
+``champion`` aliases.
+
+Records: every step's run (stage, study, promotion decision, submission) nests under one parent MLflow
+run. The parent holds the pipeline as it ran (``pipeline.yaml``, its file as ``source/``), a
+``pipeline.*`` param per top-level key, per step ``step/<name>/status`` and ``step/<name>/action`` params
+and ``step/<name>/score`` and ``step/<name>/seconds`` metrics, the step table (``steps.md``, also the
+run's description) and the printed summary (``summary.txt``), and the final scores:
+``submission/ssim/acc4``, ``submission/ssim/acc8``, ``submission/leaderboard`` and the same under
+``baseline/zero_filled/`` and ``baseline/grappa/``.
+
+What a stage logs is what it ran: :meth:`PipelineRunner.stage_config` builds each stage's configuration
+with the pipeline's data root, output folder and the earlier step's folder as ``init_from`` already in it;
+``--print-config`` prints the same objects (:meth:`PipelineRunner.resolved_documents`).
 
 Re-runs never replace results (:func:`choose_workdir`): when ``workdir`` already holds results (anything
 besides its ``data/`` folder), the invocation writes into the first free numbered folder beside it
@@ -28,17 +40,20 @@ the numbered folders.
 from __future__ import annotations
 
 import logging
+import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recon.config import from_dict, load_yaml_layers
+from recon.config import dump_yaml, from_dict, load_yaml_layers, to_dict
+from recon.engine.stage import StageConfig
 from recon.errors import InputError
-from tracking.runs.callback import parent_run
-from tracking.runs.writer import TrackingWriter
+from tracking.runs.callback import param_value, parent_run
 from tracking.runs.stores import Stores, resolve_stores
-from tracking.train import StageTracking, run_tracked_stage
+from tracking.runs.writer import TrackingWriter
+from tracking.train import StageTracking, effective_stage, load_stage, provenance_tags, run_tracked_stage
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +146,18 @@ class PipelineResult:
 
 
 def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[PipelineConfig, Path]:
-    """Load and validate a pipeline file; ``overrides`` replace top-level keys (e.g. ``workdir``)."""
+    """Load and validate a pipeline file; ``overrides`` replace top-level keys (e.g. ``workdir``).
+
+    Args:
+        path: the pipeline YAML.
+        overrides: top-level keys replaced (``--set workdir=...``).
+
+    Returns:
+        The configuration and the folder its stage and tune paths are relative to.
+
+    Raises:
+        InputError: a bad file or value (one line naming the file).
+    """
     path = Path(path)
     raw = load_yaml_layers(path)
     raw.pop("inherit", None)
@@ -179,18 +205,23 @@ class PipelineRunner:
     Args:
         cfg: the pipeline.
         base_dir: the folder stage and tune paths are relative to (the pipeline file's).
-        stores: tracking stores (None: resolved from the environment).
-        device: device for every stage, or None (the stage's).
+        stores: tracking stores (None: resolved from the environment when first needed).
+        device: device for every stage (None: each stage's own).
         overwrite: write into ``cfg.workdir`` even when it holds results, replacing each stage's checkpoints
             (else a numbered workdir is chosen, see :func:`choose_workdir`).
+        run_name: the parent run's name (None: ``pipeline-<name>``).
+        source: the pipeline file, logged on the parent run (None: not logged).
     """
 
     def __init__(self, cfg: PipelineConfig, base_dir: Path, stores: Stores | None = None,
-                 device: str | None = None, overwrite: bool = False) -> None:
+                 device: str | None = None, overwrite: bool = False, run_name: str | None = None,
+                 source: Path | None = None) -> None:
         self.cfg = cfg
         self.base_dir = base_dir
-        self.stores = stores or resolve_stores()
+        self._stores = stores
         self.device = device
+        self.run_name = run_name or f"pipeline-{cfg.name}"
+        self.source = source
         self.overwrite = overwrite
         self.workdir = choose_workdir(cfg.workdir, overwrite)
         # synthesised data stay in the named workdir: a re-run in a numbered one reuses them
@@ -198,32 +229,107 @@ class PipelineRunner:
         self.outputs: dict[str, Path] = {}
         self.versions: dict[str, Any] = {}
 
-    # ----------------------------------------------------------------- steps
+    @property
+    def stores(self) -> Stores:
+        """The tracking stores (resolved on first use, so ``--print-config`` never touches them)."""
+        if self._stores is None:
+            self._stores = resolve_stores()
+        return self._stores
+
+    # ----------------------------------------------------------------- configurations
     def _stage_overrides(self, step: Step) -> list[str]:
         over = [f"data.root={self.data_root}", f"output.dir={self.workdir / step.name}", f"stage.name={step.name}"]
         if self.device:
             over.append(f"train.device={self.device}")
         return over + list(step.set)
 
-    def _resolve_init(self, ref: str | None) -> str | None:
+    def _resolve_init(self, step: Step, planned: bool = False) -> str | None:
+        """The folder ``step.init_from`` means: an earlier train step's output folder, or an existing path.
+
+        Args:
+            step: the step.
+            planned: resolve before running (``--print-config``): an earlier step's folder need not exist yet.
+
+        Raises:
+            InputError: neither an earlier train step nor an existing path, or the step made no checkpoint.
+        """
+        ref = step.init_from
         if ref is None:
             return None
-        if ref in self.outputs:
+        earlier = [s.name for s in self.cfg.steps[: self.cfg.steps.index(step)] if s.train]
+        if ref in earlier:
+            if planned:
+                return str(self.workdir / ref)  # where that step writes (its output.dir, see _stage_overrides)
+            if ref not in self.outputs:
+                raise InputError(f"step {step.name!r}: init_from {ref!r} made no checkpoint (see its status)")
             return str(self.outputs[ref])
         if Path(ref).exists():
             return ref
-        raise InputError(f"init_from {ref!r}: neither an earlier step nor an existing path")
+        raise InputError(f"step {step.name!r}: init_from {ref!r}: neither an earlier train step nor an existing path")
 
+    def stage_config(self, step: Step, planned: bool = False) -> tuple[StageConfig, dict[str, Any]]:
+        """The stage of a train step as it runs: the pipeline's overrides and ``init_from`` written into it.
+
+        Args:
+            step: a train step.
+            planned: see :meth:`_resolve_init`.
+
+        Returns:
+            The typed configuration and the resolved form the stage run logs and checkpoints.
+        """
+        stage = load_stage(self.base_dir / str(step.train), self._stage_overrides(step))
+        return effective_stage(stage, self._resolve_init(step, planned))
+
+    def tune_options(self, step: Step, parent_id: str | None) -> Any:
+        """The :class:`tracking.tune.study.TuneOptions` of a tune step."""
+        from tracking.tune.study import TuneOptions
+
+        over = [f"data.root={self.data_root}"] + ([f"train.device={self.device}"] if self.device else [])
+        return TuneOptions(
+            tune_file=self.base_dir / str(step.tune), trials=step.trials, overrides=over + list(step.set),
+            study=f"{self.cfg.name}-{step.name}", overlay_dir=self.workdir / step.name,
+            output_dir=self.workdir / step.name / "trials", experiment=self.cfg.experiment,
+            parent_run_id=parent_id,
+        )
+
+    def resolved(self) -> dict[str, Any]:
+        """The pipeline as it runs: the file with the ``--set`` keys, and the data root it uses."""
+        return {**to_dict(self.cfg), "data_root": str(self.data_root)}
+
+    def resolved_documents(self) -> list[tuple[str, dict[str, Any]]]:
+        """What ``--print-config`` prints: the pipeline, then each train and tune step's configuration.
+
+        Returns:
+            ``(title, configuration)`` pairs: the parent run's ``pipeline.yaml``, each stage run's
+            ``config.yaml`` and each study's effective tune configuration with its base stage.
+
+        Raises:
+            InputError: a bad stage or tune file, ``set`` item or ``init_from``.
+        """
+        from tracking.tune.study import resolved_tune
+
+        docs = [(f"pipeline {self.cfg.name} (the parent run's pipeline.yaml)", self.resolved())]
+        for step in self.cfg.steps:
+            if step.train:
+                docs.append((f"step {step.name}: train {self.base_dir / step.train} (the stage run's config.yaml)",
+                             self.stage_config(step, planned=True)[1]))
+            elif step.tune:
+                docs.append((f"step {step.name}: tune {self.base_dir / step.tune} (the study run's tune.* params)",
+                             resolved_tune(self.tune_options(step, None))))
+        return docs
+
+    # ----------------------------------------------------------------- steps
     def train(self, step: Step, parent_id: str) -> StepResult:
         """One tracked stage nested under the pipeline run (:func:`tracking.train.run_tracked_stage`)."""
-        tracking = StageTracking(self.cfg.experiment, parent_run_id=parent_id, run_name=step.name,
-                                 extra_tags={"smartify.pipeline": self.cfg.name})
-        outcome = run_tracked_stage(self.base_dir / str(step.train), self._stage_overrides(step),
-                                    init_from=self._resolve_init(step.init_from), tracking=tracking,
-                                    stores=self.stores, register=step.register,
-                                    register_experiment=self.cfg.experiment, overwrite=self.overwrite)
+        tags = {"smartify.pipeline": self.cfg.name, **provenance_tags(self.base_dir / str(step.train),
+                                                                       self._stage_overrides(step), None)}
+        tracking = StageTracking(self.cfg.experiment, parent_run_id=parent_id, run_name=step.name, extra_tags=tags)
+        outcome = run_tracked_stage(stage=self.stage_config(step), tracking=tracking, stores=self.stores,
+                                    register=step.register, register_experiment=self.cfg.experiment,
+                                    overwrite=self.overwrite)
         if outcome.status == "diverged":
-            return StepResult(step.name, "train", "diverged", outcome.seconds, detail=outcome.error)
+            return StepResult(step.name, "train", "diverged", outcome.seconds, detail=outcome.error,
+                              run_id=outcome.run_id)
         self.outputs[step.name] = outcome.output_dir
         result = StepResult(step.name, "train", outcome.status, outcome.seconds, outcome.best_metric,
                             run_id=outcome.run_id)
@@ -233,34 +339,34 @@ class PipelineRunner:
         return result
 
     def tune(self, step: Step, parent_id: str) -> StepResult:
-        """An Optuna study on the pipeline's data (its own study run, tagged with the pipeline)."""
-        from tracking.tune.study import TuneOptions, run_tune
+        """An Optuna study on the pipeline's data; its study run nests under the pipeline run."""
+        from tracking.tune.study import run_tune
 
         t0 = time.perf_counter()
-        over = [f"data.root={self.data_root}"] + ([f"train.device={self.device}"] if self.device else [])
-        result = run_tune(TuneOptions(
-            tune_file=self.base_dir / str(step.tune), trials=step.trials, overrides=over + list(step.set),
-            study=f"{self.cfg.name}-{step.name}", overlay_dir=self.workdir / step.name,
-            output_dir=self.workdir / step.name / "trials",
-            experiment=self.cfg.experiment,
-        ))
+        result = run_tune(self.tune_options(step, parent_id))
         summary = result.summary if result is not None else {}
         counts = ", ".join(f"{k.split('/', 1)[1]} {int(v)}" for k, v in sorted(summary.items())
                            if k.startswith(("trials/", "pruned/")) and v)
         return StepResult(step.name, "tune", "finished", time.perf_counter() - t0, summary.get("best_value"),
-                          detail=f"study {result.study if result else '?'}: {counts}")
+                          detail=f"study {result.study if result else '?'}: {counts}",
+                          run_id=result.run_id if result else None)
 
-    def promote(self, step: Step) -> StepResult:
-        """Gated promotion of the version an earlier step registered (a refusal is a result, not an error)."""
-        from tracking.registry.promotion import promote
+    def promote(self, step: Step, parent_id: str) -> StepResult:
+        """Gated promotion of the version an earlier step registered (a refusal is a result, not an error).
+
+        The decision is recorded as a run nested under the pipeline run (:func:`record_decision`).
+        """
+        from tracking.registry.promotion import promote, record_decision
 
         t0 = time.perf_counter()
         info = self.versions.get(str(step.promote))
         if info is None:
             raise InputError(f"step {step.name!r}: step {step.promote!r} registered no model version")
         outcome = promote(info.name, info.version, alias=step.alias, stores=self.stores)
+        run_id = record_decision(outcome, self.stores, self.cfg.experiment, parent_run_id=parent_id,
+                                 run_name=step.name, extra_tags={"smartify.pipeline": self.cfg.name})
         return StepResult(step.name, "promote", outcome.status, time.perf_counter() - t0, outcome.score,
-                          detail=outcome.message, version=f"{info.name} v{info.version} @{step.alias}")
+                          detail=outcome.message, run_id=run_id, version=f"{info.name} v{info.version} @{step.alias}")
 
     def submit(self, step: Step, parent_id: str) -> tuple[StepResult, dict[str, Any]]:
         """Reconstruct the leaderboard with the ``champion`` models, evaluate it and the baselines."""
@@ -295,22 +401,104 @@ class PipelineRunner:
                         "(--overwrite replaces them instead)", self.cfg.name, self.cfg.workdir, self.workdir)
         tags = {"smartify.pipeline": self.cfg.name, "smartify.workdir": str(self.workdir)}
         writer = TrackingWriter(self.stores)
-        with parent_run(self.stores, self.cfg.experiment, f"pipeline-{self.cfg.name}", tags, writer) as parent_id:
+        with parent_run(self.stores, self.cfg.experiment, self.run_name, tags, writer) as parent_id:
             writer.log_batch(parent_id, params={"workdir": str(self.workdir), "data_root": str(self.data_root)})
             result = PipelineResult(self.cfg.name, parent_id)
-            for step in self.cfg.steps:
-                log.info("pipeline %s: step %s", self.cfg.name, step.name)
-                if step.train:
-                    result.steps.append(self.train(step, parent_id))
-                elif step.tune:
-                    result.steps.append(self.tune(step, parent_id))
-                elif step.promote:
-                    result.steps.append(self.promote(step))
-                else:
-                    step_result, result.submission = self.submit(step, parent_id)
-                    result.steps.append(step_result)
-        result.seconds = time.perf_counter() - t0
+            self._log_pipeline(writer, parent_id)
+            try:
+                for step in self.cfg.steps:
+                    log.info("pipeline %s: step %s", self.cfg.name, step.name)
+                    if step.train:
+                        result.steps.append(self.train(step, parent_id))
+                    elif step.tune:
+                        result.steps.append(self.tune(step, parent_id))
+                    elif step.promote:
+                        result.steps.append(self.promote(step, parent_id))
+                    else:
+                        step_result, result.submission = self.submit(step, parent_id)
+                        result.steps.append(step_result)
+                    self._log_step(writer, parent_id, result.steps[-1])
+            finally:  # the table of the steps that ran, also when one raised
+                result.seconds = time.perf_counter() - t0
+                self._log_summary(writer, parent_id, result)
         return result
+
+    # ----------------------------------------------------------------- the parent run's record
+    def _log_pipeline(self, writer: TrackingWriter, run_id: str) -> None:
+        """``pipeline.*`` params, the pipeline as it runs (``pipeline.yaml``) and its file (``source/``)."""
+        resolved = self.resolved()
+        params = {f"pipeline.{k}": v for k, v in resolved.items() if k not in ("steps", "synth")}
+        params.update({f"pipeline.synth.{k}": v for k, v in (resolved.get("synth") or {}).items()})
+        params.update({"pipeline.steps": len(self.cfg.steps), "pipeline.run_name": self.run_name,
+                       "pipeline.device": self.device or "per stage"})
+        if self.source is not None:
+            params["pipeline.file"] = str(self.source)
+        writer.log_batch(run_id, params={k: param_value(v)[0] for k, v in params.items()})
+        with tempfile.TemporaryDirectory(prefix="smartify-pipeline-") as tmp:
+            header = f"# pipeline {self.cfg.name} as it ran (from {self.source or 'a built configuration'})\n"
+            writer.log_artifact(run_id, dump_yaml(resolved, Path(tmp) / "pipeline.yaml", header=header))
+        if self.source is not None and Path(self.source).is_file():
+            writer.log_artifact(run_id, self.source, "source")
+
+    @staticmethod
+    def _log_step(writer: TrackingWriter, run_id: str, step: StepResult) -> None:
+        """``step/<name>/status`` and ``/action`` params, ``/score`` and ``/seconds`` metrics."""
+        now = int(time.time() * 1000)
+        metrics = [(f"step/{step.name}/seconds", float(step.seconds), now, 0)]
+        if isinstance(step.score, (int, float)) and math.isfinite(step.score):
+            metrics.append((f"step/{step.name}/score", float(step.score), now, 0))
+        params = {f"step/{step.name}/status": step.status, f"step/{step.name}/action": step.action}
+        if step.run_id:
+            params[f"step/{step.name}/run_id"] = step.run_id
+        writer.log_batch(run_id, metrics=metrics, params=params)
+
+    def _log_summary(self, writer: TrackingWriter, run_id: str, result: PipelineResult) -> None:
+        """Final scores as metrics, ``steps.md`` (also the run's description) and ``summary.txt``."""
+        now = int(time.time() * 1000)
+        metrics = [(name, value, now, 0) for name, value in score_metrics(result.submission or {}).items()]
+        metrics.append(("pipeline/seconds", float(result.seconds), now, 0))
+        table = format_steps_markdown(result)
+        writer.log_batch(run_id, metrics=metrics, tags={"mlflow.note.content": table})
+        with tempfile.TemporaryDirectory(prefix="smartify-pipeline-") as tmp:
+            for name, text in (("steps.md", table), ("summary.txt", format_summary(result))):
+                path = Path(tmp) / name
+                path.write_text(text + "\n", encoding="utf-8")
+                writer.log_artifact(run_id, path)
+
+
+def score_metrics(submission: dict[str, Any]) -> dict[str, float]:
+    """The parent run's final scores: ``submission/<name>`` and ``baseline/<method>/<name>``.
+
+    ``<name>`` is ``ssim/acc4``, ``ssim/acc8`` or ``leaderboard`` (the mean of the two).
+
+    Args:
+        submission: the submit step's summary (its ``evaluation`` and ``baselines``).
+
+    Returns:
+        Metric name -> value (empty without an evaluation).
+    """
+    names = {"acc4": "ssim/acc4", "acc8": "ssim/acc8", "leaderboard": "leaderboard"}
+    out: dict[str, float] = {}
+    sources = [("submission", submission.get("evaluation") or {})]
+    sources += [(f"baseline/{method}", scores or {}) for method, scores in (submission.get("baselines") or {}).items()]
+    for prefix, scores in sources:
+        for key, name in names.items():
+            value = scores.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                out[f"{prefix}/{name}"] = float(value)
+    return out
+
+
+def format_steps_markdown(result: PipelineResult) -> str:
+    """The step table as Markdown (the parent run's ``steps.md`` and description)."""
+    lines = [f"pipeline **{result.name}**, {result.seconds:.0f} s", "",
+             "| step | action | status | score | seconds | run | detail |", "|---|---|---|---|---|---|---|"]
+    for s in result.steps:
+        score = f"{s.score:.4f}" if isinstance(s.score, float) else "-"
+        detail = (s.version or s.detail or "").replace("|", "/").replace("\n", " ")
+        lines.append(f"| {s.name} | {s.action} | {s.status} | {score} | {s.seconds:.1f} | {s.run_id or '-'} | "
+                     f"{detail} |")
+    return "\n".join(lines)
 
 
 def format_summary(result: PipelineResult) -> str:

@@ -1,10 +1,11 @@
 """One tracked training stage: the wiring shared by ``smartify train``, a pipeline's train step and a tuning trial.
 
 :func:`run_tracked_stage` does, in this order: take the stage configuration (a stage file with ``--set``
-items, the configuration stored in the checkpoint a ``resume`` names, or one the caller built); check the
+items, the configuration stored in the checkpoint a ``resume`` names, or one the caller built) and make it
+the configuration as it will run (:func:`effective_stage`: an ``init_from`` given by the caller is written
+into it, so the run's params, its ``config.yaml`` and every checkpoint hold the same object); check the
 output folder (:mod:`recon.engine.outputs`: a folder holding checkpoints is refused unless resumed in place
-or ``overwrite`` is set; a resumed copy writes into itself and starts a new MLflow run); seed the
-global RNGs once from it; build the callbacks (the console, then the MLflow adapter on rank 0 unless
+or ``overwrite`` is set; a resumed copy writes into itself and starts a new MLflow run); seed the global RNGs once from it; build the callbacks (the console, then the MLflow adapter on rank 0 unless
 tracking is off, then the caller's own, in the caller's order); run the stage; and, when asked, register
 the best checkpoint in the Model Registry (on rank 0). It returns a :class:`StageOutcome`; a diverged
 stage is an outcome with status ``diverged``, or the :class:`~recon.engine.trainer.DivergenceError` itself
@@ -14,12 +15,17 @@ when the caller asks for it (a tuning trial turns it into a pruned trial).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+import yaml
+
+from recon.config import to_dict
 from recon.engine import distributed
 from recon.engine.stage import StageConfig, load_stage_config
 from recon.engine.loop import DivergenceError
@@ -39,6 +45,11 @@ DEFAULT_EXPERIMENT = "smartify"
 RESUMED_FROM_TAG = "smartify.resumed_from_run_id"
 
 log = logging.getLogger(__name__)
+
+#: run tags naming the configuration files applied (in order) and the ``--set`` items
+CONFIG_FILES_TAG = "smartify.config_files"
+OVERRIDES_TAG = "smartify.overrides"
+INHERIT_KEY = "inherit"
 
 
 @dataclass(frozen=True)
@@ -132,6 +143,73 @@ def _load_resumed(
     return cfg, resolved, (stored, checkpoint.run_id)
 
 
+def effective_stage(
+    stage: tuple[StageConfig, dict[str, Any]], init_from: str | Path | None = None,
+) -> tuple[StageConfig, dict[str, Any]]:
+    """The stage as it will run: ``init_from`` (when given) replaces the configuration's own.
+
+    The engine logs, writes to ``config.yaml`` and checkpoints the resolved form returned here, so an
+    ``init_from`` passed by a pipeline or ``--init-from`` is what every record shows, never the stage file's
+    default.
+
+    Args:
+        stage: the typed configuration and its resolved plain form.
+        init_from: the checkpoint (file or stage folder) the weights start from, or None to keep the
+            configuration's ``init_from``.
+
+    Returns:
+        The typed configuration and its resolved plain form, both with the effective ``init_from``.
+    """
+    cfg, resolved = stage
+    if init_from is None:
+        return cfg, resolved
+    cfg = dataclasses.replace(cfg, init_from=str(init_from))
+    return cfg, to_dict(cfg)
+
+
+def config_files(path: str | Path) -> list[str]:
+    """The YAML files a stage file applies, in the order they are merged (bases first, the file last).
+
+    Args:
+        path: the stage file (already loaded once, so every file in its chain exists and parses).
+
+    Returns:
+        The file paths as they are reached from ``path`` (relative paths stay relative to the working folder).
+    """
+    path = Path(path)
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    bases = data.get(INHERIT_KEY, []) if isinstance(data, dict) else []
+    files: list[str] = []
+    for rel in [bases] if isinstance(bases, str) else bases:
+        base = Path(rel).expanduser()
+        files += config_files(base if base.is_absolute() else path.parent / base)
+    return [*files, str(path)]
+
+
+def config_text(resolved: Mapping[str, Any]) -> str:
+    """The resolved configuration as YAML, in the form of the run's ``config.yaml`` (``--print-config``)."""
+    return yaml.safe_dump(to_dict(resolved), sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def provenance_tags(config: str | Path | None, overrides: Sequence[str], resume: str | Path | None) -> dict[str, str]:
+    """Run tags naming where the configuration came from: its files in merge order and the ``--set`` items.
+
+    Args:
+        config: the stage file (None for a configuration built by the caller).
+        overrides: the ``--set`` items applied.
+        resume: the checkpoint whose stored configuration was resumed (it replaces the files).
+
+    Returns:
+        ``smartify.config_files`` (JSON list; ``["checkpoint:<path>"]`` on resume) and ``smartify.overrides``
+        (JSON list), each only when there is something to name.
+    """
+    files = [f"checkpoint:{resume}"] if resume is not None else config_files(config) if config is not None else []
+    tags = {CONFIG_FILES_TAG: json.dumps(files)} if files else {}
+    if overrides:
+        tags[OVERRIDES_TAG] = json.dumps(list(overrides))
+    return tags
+
+
 def stage_callbacks(
     stage_name: str, tracking: StageTracking | None, stores: Stores | None, extra: Sequence[Callback] = (),
 ) -> tuple[CallbackList, Callback | None]:
@@ -190,7 +268,8 @@ def run_tracked_stage(
         overrides: ``dotted.key=value`` items for ``config`` or the resumed configuration.
         stage: an already built ``(config, resolved)`` pair instead of ``config``/``overrides`` (a tuning trial).
         resume: checkpoint file or stage folder to resume exactly; its configuration is used.
-        init_from: checkpoint to initialise the weights from (weights only).
+        init_from: checkpoint to initialise the weights from (weights only); written into the configuration
+            (:func:`effective_stage`) so that what is logged and checkpointed is what ran. Not with ``resume``.
         tracking: how the MLflow run is made; None: console only (``--no-tracking``, or a caller that
             brings its own MLflow callback in ``callbacks``).
         stores: tracking and registry stores (None: resolved from the environment).
@@ -208,15 +287,23 @@ def run_tracked_stage(
     Raises:
         DivergenceError: the stage diverged and ``raise_divergence`` is set.
         InputError: a bad configuration, data folder or checkpoint; an output folder that holds checkpoints
-            (without ``overwrite``, unless resumed in place).
+            (without ``overwrite``, unless resumed in place);
+            both ``resume`` and ``init_from``.
     """
+    if resume is not None and init_from is not None:
+        raise InputError(f"--resume {resume} and --init-from {init_from}: a resumed stage continues from its own "
+                         "checkpoint; give one of them")
     resumed = None
-    if stage is not None:
-        cfg, resolved = stage
-    elif resume is not None:
-        cfg, resolved, resumed = _load_resumed(resume, overrides)
-    else:
-        cfg, resolved = load_stage(config, overrides)
+    if stage is None:
+        if resume is not None:
+            cfg, resolved, resumed = _load_resumed(resume, overrides)
+            stage = (cfg, resolved)
+        else:
+            stage = load_stage(config, overrides)
+        if tracking is not None:
+            extra = {**provenance_tags(config, overrides, resume), **tracking.extra_tags}
+            tracking = dataclasses.replace(tracking, extra_tags=extra)
+    cfg, resolved = effective_stage(stage, init_from)
     in_place = resume is not None and same_folder(cfg.output_dir, checkpoint_folder(resume))
     is_main = distributed.context().is_main
     if is_main or not overwrite:  # rank 0 alone deletes
@@ -228,13 +315,13 @@ def run_tracked_stage(
             log.warning("resuming into %s, not %s where the checkpoint was written: run %s stays with that "
                         "folder; %s", cfg.output_dir, resumed[0], resumed[1], then)
         if tracking is not None:
-            tracking = replace(tracking, extra_tags={**tracking.extra_tags, RESUMED_FROM_TAG: resumed[1]})
+            tracking = dataclasses.replace(tracking, extra_tags={**tracking.extra_tags, RESUMED_FROM_TAG: resumed[1]})
     seed_everything(cfg.seed, cfg.deterministic)  # an entry point: the global RNGs are seeded once, here
     callback_list, tracker = stage_callbacks(cfg.stage.name, tracking, stores, callbacks)
     listeners = ([tracker] if tracker is not None else []) + list(callbacks)
     start = time.perf_counter()
     try:
-        end = run_stage(cfg, resolved, callback_list, resume=resume, init_from=init_from)
+        end = run_stage(cfg, resolved, callback_list, resume=resume)  # init_from is in cfg (effective_stage)
     except DivergenceError as exc:
         if raise_divergence:
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -53,8 +54,21 @@ def test_pipeline_trains_registers_promotes_and_submits(tiny_data, tmp_path, _is
     assert len(parents) == 1
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
     names = {r.info.run_name for r in children}
-    assert {"hacker_baseline", "hacker_moe", "helper", "classifier", "submission"} <= names
+    assert names == {"hacker_baseline", "hacker_moe", "helper", "classifier", "promote_hacker", "promote_helper",
+                     "promote_classifier", "submission"}
     for name in ("smartify-hacker", "smartify-helper", "smartify-classifier"):
         assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     submission = next(r for r in children if r.info.run_name == "submission")
     assert "leaderboard" in " ".join(submission.data.metrics)
+
+    # the parent holds the scores the summary printed: the submission's and the baselines'
+    printed = {label: [float(x) for x in found.groups()] for label, found in (
+        (label, re.search(rf"^  {re.escape(label)}\s+acc4 ([\d.]+)\s+acc8 ([\d.]+)\s+leaderboard ([\d.]+)", out, re.M))
+        for label in ("model", "zero-filled", "GRAPPA")) if found}
+    assert set(printed) == {"model", "zero-filled", "GRAPPA"}, out
+    metrics = parents[0].data.metrics
+    for label, prefix in (("model", "submission"), ("zero-filled", "baseline/zero_filled"), ("GRAPPA", "baseline/grappa")):
+        logged = [metrics[f"{prefix}/{name}"] for name in ("ssim/acc4", "ssim/acc8", "leaderboard")]
+        assert all(abs(a - b) < 5e-5 for a, b in zip(logged, printed[label])), (label, logged, printed[label])
+    assert metrics["step/submit/score"] == metrics["submission/leaderboard"]
+    assert all(parents[0].data.params[f"step/{step['name']}/status"] for step in pipeline["steps"])

@@ -34,11 +34,12 @@ def test_rank_argv_repeats_every_option_explicitly() -> None:
     parser = build_parser()
     args = parser.parse_args(["-q", "train", "cfg.yaml", "--set", "a=1", "--set", "b=-2", "--resume", "runs/r",
                               "--init-from", "runs/x", "--no-tracking", "--experiment", "e",
-                              "--parent-run-id", "p1", "--register", "--overwrite", "--nproc", "3"])
+                              "--parent-run-id", "p1", "--register", "--overwrite", "--nproc", "3",
+                              "--run-name", "n1"])
     # a new train option must be added to rank_argv as well: this list fails until it is
     assert set(vars(args)) == {"verbose", "quiet", "command", "config", "overrides", "resume", "init_from",
                                "no_tracking", "experiment", "parent_run_id", "register", "overwrite", "nproc",
-                               "func"}
+                               "func", "run_name", "print_config"}  # --print-config exits before any rank starts
     argv = rank_argv(args)
     assert "--nproc" not in " ".join(argv) and argv[:3] == ["-q", "train", "cfg.yaml"]
     again = vars(parser.parse_args(argv))

@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from recon.config import parse_overrides
+from tracking.commands.train import add_record_arguments
 from tracking.pipeline import PipelineRunner, format_summary, load_pipeline
+from tracking.train import config_text
 
 DEMO_FILE = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"
 
 PIPELINE_EPILOG = """examples:
   smartify pipeline experiments/demo.yaml
   smartify pipeline experiments/pipeline.yaml --set data_root=/data/snu --set workdir=runs/full
+  smartify pipeline experiments/demo.yaml --print-config      # the pipeline and every step's configuration
+  smartify pipeline experiments/demo.yaml --run-name demo-lr  # name the parent run
+
+--print-config prints YAML documents: the pipeline as it runs (the parent run's pipeline.yaml), then each
+train step's stage (its run's config.yaml, with init_from the earlier step's folder) and each tune step's
+effective tune configuration; nothing is trained, synthesised or tracked.
 """
 OVERWRITE_HELP = ("write into the workdir even when it holds an earlier run's results, replacing each stage's "
                   "checkpoints (default: a new numbered workdir beside it, e.g. runs/demo-2)")
@@ -27,9 +36,15 @@ examples:
 """
 
 
-def _run(path: Path, overrides: dict, device: str | None, overwrite: bool = False) -> int:
+def _run(path: Path, overrides: dict, device: str | None, overwrite: bool = False,
+         run_name: str | None = None, print_config: bool = False) -> int:
     cfg, base = load_pipeline(path, overrides)
-    result = PipelineRunner(cfg, base, device=device, overwrite=overwrite).run()
+    runner = PipelineRunner(cfg, base, device=device, overwrite=overwrite, run_name=run_name, source=path)
+    if print_config:
+        docs = runner.resolved_documents()
+        sys.stdout.write("---\n".join(f"# {title}\n{config_text(doc)}" for title, doc in docs))
+        return 0
+    result = runner.run()
     print(format_summary(result))
     bad = [s for s in result.steps if s.status in ("failed", "diverged")]
     return 1 if bad else 0
@@ -38,7 +53,7 @@ def _run(path: Path, overrides: dict, device: str | None, overwrite: bool = Fals
 def run_pipeline(args: argparse.Namespace) -> int:
     """``smartify pipeline FILE``: run the file's steps; exit code 1 when a step failed or diverged."""
     overrides = dict(parse_overrides(args.overrides))
-    return _run(Path(args.file), overrides, args.device, args.overwrite)
+    return _run(Path(args.file), overrides, args.device, args.overwrite, args.run_name, args.print_config)
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -59,6 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="override a top-level pipeline key (workdir, data_root, name, experiment)")
     p.add_argument("--device", choices=("cpu", "cuda"), help="device for every stage (default: the stage's)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    add_record_arguments(p, "parent run of the pipeline (default: pipeline-<name>)")
     p.set_defaults(func=run_pipeline)
 
     d = sub.add_parser("demo", help="the main job: the whole pipeline on synthetic data",

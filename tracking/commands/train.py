@@ -9,7 +9,7 @@ import sys
 
 from recon.engine import distributed
 from recon.errors import InputError
-from tracking.train import DEFAULT_EXPERIMENT, StageTracking, run_tracked_stage
+from tracking.train import DEFAULT_EXPERIMENT, StageTracking, config_text, effective_stage, load_stage, run_tracked_stage
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,8 @@ EPILOG = """examples:
   smartify train experiments/hacker_baseline.yaml --resume runs/hacker_baseline
   smartify train experiments/tiny/hacker_baseline.yaml --overwrite   # replaces runs/hacker_baseline's checkpoints
   smartify train experiments/tiny/hacker_baseline.yaml --nproc 2 --set train.batch_size=1
+  smartify train experiments/hacker_moe.yaml --init-from runs/hacker_baseline --print-config
+  smartify train experiments/tiny/hacker_baseline.yaml --run-name lr-check
 """
 
 
@@ -27,6 +29,19 @@ def add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     """``--set``, shared with ``smartify tune``."""
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a configuration key (dotted path, YAML value); repeatable")
+
+
+def add_record_arguments(parser: argparse.ArgumentParser, run: str) -> None:
+    """``--print-config`` and ``--run-name``, shared by ``train``, ``tune`` and ``pipeline``.
+
+    Args:
+        parser: the command's parser.
+        run: which MLflow run ``--run-name`` names (for the help text).
+    """
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration as YAML (exactly what the run logs) and exit "
+                             "without training or touching the tracking store")
+    parser.add_argument("--run-name", metavar="NAME", help=f"name of the MLflow {run}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--parent-run-id", help="nest the stage's MLflow run under this run")
     p.add_argument("--register", action="store_true",
                    help="register the best model in the MLflow Model Registry after the stage")
+    add_record_arguments(p, "run of the stage (default: the stage name)")
     p.add_argument("--nproc", type=int, default=1, metavar="N",
                    help="data-parallel ranks on this machine (gloo on CPU, nccl on GPUs): runs this command "
                         "as N processes that talk over 127.0.0.1 only; the global batch is N x train.batch_size")
@@ -57,7 +73,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 #: ``train`` options that take a value, as ``(flag, attribute)``: repeated in every rank when set
-_VALUE_OPTIONS = (("--resume", "resume"), ("--init-from", "init_from"), ("--parent-run-id", "parent_run_id"))
+_VALUE_OPTIONS = (("--resume", "resume"), ("--init-from", "init_from"), ("--parent-run-id", "parent_run_id"),
+                  ("--run-name", "run_name"))
 #: ``train`` switches, as ``(flag, attribute)``: repeated in every rank when on
 _SWITCHES = (("--no-tracking", "no_tracking"), ("--register", "register"), ("--overwrite", "overwrite"))
 
@@ -97,9 +114,16 @@ def launch(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run the stage (or launch ``--nproc`` ranks of it); returns the exit code (3: the stage diverged)."""
+    if getattr(args, "print_config", False):
+        if args.resume is not None and args.init_from is not None:
+            raise InputError(f"--resume {args.resume} and --init-from {args.init_from}: give one of them")
+        _, resolved = effective_stage(load_stage(args.config, args.overrides, args.resume), args.init_from)
+        sys.stdout.write(config_text(resolved))
+        return 0
     if getattr(args, "nproc", 1) != 1:
         return launch(args)
-    tracking = None if args.no_tracking else StageTracking(args.experiment, parent_run_id=args.parent_run_id)
+    tracking = None if args.no_tracking else StageTracking(args.experiment, parent_run_id=args.parent_run_id,
+                                                           run_name=getattr(args, "run_name", None))
     outcome = run_tracked_stage(args.config, args.overrides, resume=args.resume, init_from=args.init_from,
                                 tracking=tracking, register=args.register, overwrite=args.overwrite)
     if outcome.status == "diverged":

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tracking.commands.train import add_stage_arguments
+from tracking.commands.train import add_record_arguments, add_stage_arguments
 
 log = logging.getLogger(__name__)
 
@@ -18,6 +18,7 @@ EPILOG = """examples:
   smartify tune experiments/tune.yaml --workers 2 --trials 20          # 2 processes, one study
   smartify tune experiments/tune.yaml --storage postgresql://user@db/optuna --study pmr   # on each machine
   optuna-dashboard sqlite:///mlruns/optuna.db                           # watch the study live
+  smartify tune experiments/tiny/tune.yaml --trials 3 --study aug --print-config   # what the study run logs
 
 what a trial does:
   It samples the tune file's space, builds the base stage (+ fixed, trial_only, --set, the sampled values),
@@ -58,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="trial outputs, {study} expanded (default: output_dir of the tune file, runs/tune/{study})")
     p.add_argument("--parent-run-id", help="nest the study's MLflow run under this run when it is created")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    add_record_arguments(p, "run of the study, when it is created (default: study-<study>)")
     p.add_argument("--experiment", default="smartify-tune", help="MLflow experiment (default: %(default)s)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # started by --workers: no report
     p.set_defaults(func=run)
@@ -110,7 +112,10 @@ def _print_result(result) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tracking.tune.study import TuneOptions, finish, prepare, run_tune
+    """Run (or join) the study; with ``--print-config`` print its effective configuration and exit."""
+    from recon.config import to_dict
+    from tracking.train import config_text
+    from tracking.tune.study import TuneOptions, finish, prepare, resolved_tune, run_tune
 
     if args.workers < 1:
         print("smartify tune: error: --workers must be >= 1", file=sys.stderr)
@@ -121,7 +126,11 @@ def run(args: argparse.Namespace) -> int:
         overlay_dir=Path(args.overlay_dir) if args.overlay_dir else None, tracking=not args.no_tracking,
         experiment=args.experiment, finalize=not args.worker,
         output_dir=Path(args.output_dir) if args.output_dir else None, parent_run_id=args.parent_run_id,
+        run_name=args.run_name,
     )
+    if args.print_config:
+        sys.stdout.write(config_text(to_dict(resolved_tune(options))))
+        return 0
     if args.workers == 1:
         result = run_tune(options)
         if result is not None:

@@ -235,3 +235,52 @@ def promote(
                    f"{_fmt(candidate.val_score)} >= version {holder.version} {_fmt(holder.val_score)}")
     log.info(message)
     return PromotionResult(status="promoted", message=message, forced=forced, **common)
+
+
+def record_decision(
+    result: PromotionResult,
+    stores: Stores,
+    experiment: str,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+    extra_tags: dict[str, str] | None = None,
+) -> str:
+    """Record one promotion decision as a short MLflow run (nested under ``parent_run_id``, e.g. a pipeline's).
+
+    The run's params are the decision (``promotion.model``, ``.version``, ``.alias``, ``.status``,
+    ``.previous_version``, ``.forced``, ``.by``, ``.at``), its metrics the two scores (``promotion/score``,
+    ``promotion/previous_score``, when known) and its description the one-line message; it ends FINISHED
+    whether the alias moved or not (a refusal is a decision, not a failure).
+
+    Args:
+        result: the decision.
+        stores: tracking stores.
+        experiment: MLflow experiment.
+        parent_run_id: nest under this run.
+        run_name: the run's name (None: ``promote-<model>-v<version>``).
+        extra_tags: more tags.
+
+    Returns:
+        The run id (a ``local-`` placeholder while the server is unreachable).
+    """
+    from tracking.runs.writer import TrackingWriter
+
+    writer = TrackingWriter(stores)
+    tags = {"smartify.kind": "promotion", "mlflow.note.content": result.message, **(extra_tags or {})}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    run_id = writer.create_run(experiment, run_name or f"promote-{result.name}-v{result.version}", tags)
+    params = {"promotion.model": result.name, "promotion.version": str(result.version),
+              "promotion.alias": result.alias, "promotion.status": result.status,
+              "promotion.previous_version": str(result.previous_version or "none"),
+              "promotion.forced": str(result.forced).lower(), "promotion.by": result.by, "promotion.at": result.at}
+    if result.reason:
+        params["promotion.reason"] = result.reason
+    now = int(datetime.now(timezone.utc).timestamp() * 1000)
+    metrics = [(f"promotion/{key}", float(value), now, 0)
+               for key, value in (("score", result.score), ("previous_score", result.previous_score))
+               if value is not None]
+    writer.log_batch(run_id, metrics=metrics, params=params)
+    writer.set_terminated(run_id, "FINISHED")
+    writer.flush()
+    return writer.resolve(run_id) or run_id

@@ -21,6 +21,7 @@ a stage overlay (:func:`tracking.tune.report.write_overlay`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -225,6 +226,7 @@ class TuneOptions:
         extra_callbacks: engine callbacks added to every trial.
         output_dir: folder of the trial outputs (None: the file's ``output_dir``; ``{study}`` is expanded).
         parent_run_id: nest the study's MLflow run under this run (e.g. a pipeline run) when it is created.
+        run_name: name of a new study run (None: ``study-<study name>``).
     """
 
     tune_file: Path
@@ -241,6 +243,7 @@ class TuneOptions:
     extra_callbacks: list[Callback] = field(default_factory=list)
     output_dir: Path | None = None
     parent_run_id: str | None = None
+    run_name: str | None = None
 
 
 @dataclass
@@ -266,6 +269,7 @@ class TuneResult:
         figures: figure name -> PNG path.
         summary: :func:`summary_metrics`.
         excluded: search values removed before sampling (``model.reduction``).
+        run_id: the study's MLflow run (None without tracking).
     """
 
     study: str
@@ -276,6 +280,55 @@ class TuneResult:
     figures: dict[str, Path]
     summary: dict[str, float]
     excluded: dict[str, list[Any]]
+    run_id: str | None = None
+
+
+def effective_tune(options: TuneOptions) -> tuple[TuneConfig, Path]:
+    """The tune configuration as this invocation runs it: what the study run logs as ``tune.*`` params.
+
+    The command's choices replace the file's: ``study`` is the study's name as opened (``--study``, a
+    pipeline's ``<pipeline>-<step>``, else the file's), ``n_trials`` the trials this invocation runs
+    (``--trials``), ``output_dir`` the trial folder with ``{study}`` expanded and ``memory_budget`` the
+    budget applied (``--memory-budget``).
+
+    Args:
+        options: the invocation.
+
+    Returns:
+        The effective configuration and the base stage file.
+
+    Raises:
+        InputError: a bad tune file.
+    """
+    cfg, base_path = load_tune_config(options.tune_file)
+    name = options.study or study_name_of(cfg, options.tune_file)
+    return dataclasses.replace(
+        cfg, study=name, n_trials=cfg.n_trials if options.trials is None else options.trials,
+        output_dir=str(options.output_dir or cfg.output_dir).replace("{study}", name),
+        memory_budget=cfg.memory_budget if options.memory_budget is None else options.memory_budget,
+    ), base_path
+
+
+def resolved_tune(options: TuneOptions) -> dict[str, Any]:
+    """What ``--print-config`` shows: the effective tune configuration and the base stage it tunes, resolved.
+
+    Nothing is opened: no storage, no tracking store.
+
+    Args:
+        options: the invocation.
+
+    Returns:
+        ``{"tune": ..., "base_stage": ...}``: the study run's ``tune.*`` params as a tree, and the base stage with
+        ``fixed``, ``trial_only`` and ``--set`` applied (before each trial's sampled values and its own keys).
+
+    Raises:
+        InputError: a bad tune file, ``--set`` item or base stage.
+    """
+    from recon.config import to_dict
+
+    cfg, base_path = effective_tune(options)
+    _, base = stage_layers(cfg, base_path, options.overrides).build()
+    return {"tune": to_dict(cfg), "base_stage": base}
 
 
 def prepare(options: TuneOptions, create_run: bool = True) -> Prepared:
@@ -294,10 +347,9 @@ def prepare(options: TuneOptions, create_run: bool = True) -> Prepared:
     from recon.config import flatten, to_dict
     from tracking.runs.stores import default_optuna_storage, redact_uri
 
-    cfg, base_path = load_tune_config(options.tune_file)
-    name = options.study or study_name_of(cfg, options.tune_file)
-    budget = parse_bytes(options.memory_budget if options.memory_budget is not None else cfg.memory_budget,
-                         "--memory-budget" if options.memory_budget is not None else "memory_budget")
+    cfg, base_path = effective_tune(options)
+    name = str(cfg.study)
+    budget = parse_bytes(cfg.memory_budget, "--memory-budget" if options.memory_budget is not None else "memory_budget")
     layers = stage_layers(cfg, base_path, options.overrides)
     space = SearchSpace(cfg.space, layers)
     base, _ = layers.build()
@@ -324,8 +376,9 @@ def prepare(options: TuneOptions, create_run: bool = True) -> Prepared:
         params.update({"study": name, "storage": redact_uri(url), "base": str(base_path),
                        "memory_budget_bytes": budget, "probe_input": f"{probe.coils}x{probe.height}x{probe.width}",
                        "set": json.dumps(list(options.overrides)), "space.excluded": json.dumps(space.excluded)})
-        tracker.open(study, params, create=create_run, parent_run_id=options.parent_run_id)
-    output_root = Path(str(options.output_dir or cfg.output_dir).replace("{study}", name))
+        tracker.open(study, params, create=create_run, parent_run_id=options.parent_run_id,
+                     run_name=options.run_name)
+    output_root = Path(cfg.output_dir)
     session = TuneSession(cfg, name, layers, space, budget, probe, MemoryPredictor(device_for_probe(cfg, base)),
                           output_root, tracker, list(options.extra_callbacks), base.train.start_epoch)
     log.info("study %s in %s: budget %s, probe input %dx%dx%d, space %s", name, redact_uri(url),
@@ -371,9 +424,11 @@ def finish(prepared: Prepared, overlay_dir: Path | None = None) -> TuneResult:
         _, name = importance_evaluator(cfg.importance, cfg.seed)
         tags["smartify.importance_evaluator"] = name
         files = [*figures.values(), table_path, json_path, *([overlay] if overlay else [])]
-        session.tracker.close(summary, tags, files)
+        # the study's trial count as the storage holds it (all invocations), beside this invocation's tune.n_trials
+        session.tracker.close({**summary, "trials/total": float(len(study.get_trials(deepcopy=False)))}, tags, files)
+    run_id = session.tracker.run_id if session.tracker is not None else None
     return TuneResult(study.study_name, redact_uri(prepared.storage_url), rows, table, overlay, figures, summary,
-                      dict(space.excluded))
+                      dict(space.excluded), run_id)
 
 
 def run_tune(options: TuneOptions) -> TuneResult | None:
@@ -383,7 +438,7 @@ def run_tune(options: TuneOptions) -> TuneResult | None:
         The :class:`TuneResult`, or None when not finalizing.
     """
     prepared = prepare(options, create_run=options.finalize)
-    n = prepared.session.cfg.n_trials if options.trials is None else options.trials
+    n = prepared.session.cfg.n_trials  # the effective count (--trials, else the file's)
     if n > 0 or options.timeout:
         prepared.session.optimize(prepared.study, n_trials=n or None, timeout=options.timeout)
     return finish(prepared, options.overlay_dir) if options.finalize else None

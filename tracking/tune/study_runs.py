@@ -87,7 +87,7 @@ class StudyTracker:
         self._study: str = ""
 
     def open(self, study: optuna.Study, params: dict[str, Any], create: bool = True,
-             parent_run_id: str | None = None) -> str | None:
+             parent_run_id: str | None = None, run_name: str | None = None) -> str | None:
         """Use the study's run, creating it the first time; reopen it when ``create``.
 
         Args:
@@ -95,6 +95,7 @@ class StudyTracker:
             params: params of a new study run.
             create: create (or reopen) the run; False for workers, which only nest their trials under it.
             parent_run_id: nest a new study run under this run (a pipeline).
+            run_name: name of a new study run (None: ``study-<study name>``).
 
         Returns:
             The study run's id (None when there is none and ``create`` is False).
@@ -114,7 +115,8 @@ class StudyTracker:
             tags = {"smartify.kind": "study", "optuna.study": study.study_name}
             if parent_run_id:
                 tags["mlflow.parentRunId"] = parent_run_id
-            run_id = start_parent_run(self.stores, self.experiment, f"study-{study.study_name}", tags, self.writer)
+            run_id = start_parent_run(self.stores, self.experiment, run_name or f"study-{study.study_name}", tags,
+                                      self.writer)
             study.set_user_attr(RUN_ID_ATTR, run_id)
             self.writer.log_batch(run_id, params={k: param_value(v)[0] for k, v in params.items()})
         self.run_id = run_id
