@@ -71,7 +71,16 @@ class StageStart:
 
 @dataclass(frozen=True)
 class Panel:
-    """A fixed validation slice for a reconstruction panel (2-D float arrays, same shape)."""
+    """A fixed validation slice for a reconstruction panel (2-D float arrays, same shape).
+
+    Attributes:
+        name: ``<file>:<slice>``.
+        target: the reference image.
+        zero_filled: the zero-filled reconstruction.
+        output: the model's reconstruction.
+        max_value: the volume's maximum (the SSIM data range; error maps are shown relative to it), NaN if unknown.
+        ssim: the slice's SSIM as the metric computes it, NaN if unknown.
+    """
 
     name: str
     target: np.ndarray

@@ -532,5 +532,7 @@ def format_summary(result: PipelineResult) -> str:
     for role, version in (sub.get("versions") or {}).items():
         if version:
             lines.append(f"  {role}: {version.get('name')} version {version.get('version')}")
-    lines += ["", "open the runs: smartify ui   (then browse http://127.0.0.1:5000)"]
+    from tracking.commands.ui import ui_hint  # the runs table of the parent run's experiment
+
+    lines += ["", ui_hint(result.parent_run_id)]
     return "\n".join(lines)

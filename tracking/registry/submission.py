@@ -195,7 +195,10 @@ def submit(
     client = make_client(stores)
     experiment_id = get_or_create_experiment(experiment, stores, client)
     used = [v for v in versions.values() if v is not None]
+    from tracking.runs.environment import environment_tags  # user, source, git and versions, as on every run
+
     tags = {
+        **environment_tags(),
         "smartify.kind": "submission",
         "smartify.models": ",".join(f"{v.name}/{v.version}" for v in used),
         **{f"lineage.{role}": v.uri for role, v in versions.items() if v is not None},

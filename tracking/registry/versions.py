@@ -187,7 +187,9 @@ def _run_for(client, checkpoint: Checkpoint, stores: Stores, experiment: str) ->
             log.warning("%s: run %s not found in %s (%s); creating a registration run", source, run_id,
                         redact_uri(stores.tracking_uri), exc.error_code)
     experiment_id = get_or_create_experiment(experiment, stores, client)
-    tags = {"smartify.kind": "registration", "smartify.stage": str(checkpoint.stage),
+    from tracking.runs.environment import environment_tags  # user, source, git and versions, as on every run
+
+    tags = {**environment_tags(), "smartify.kind": "registration", "smartify.stage": str(checkpoint.stage),
             "smartify.checkpoint": str(source)}
     if run_id:
         tags["smartify.checkpoint_run_id"] = str(run_id)

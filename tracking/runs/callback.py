@@ -1,9 +1,12 @@
 """The MLflow side of the engine's events: one MLflow run per stage, nested under a pipeline run.
 
 :class:`MLflowCallback` implements :class:`recon.events.Callback`. A stage logs its flattened
-configuration, seeds, data set and model size as params once; environment, git and lineage as
-tags; one ``log_batch`` per epoch with ``step=epoch``; the resolved config, the data fingerprint,
-the best/last checkpoints and plots as artifacts. The run id is stored in every checkpoint
+configuration (the sections its kind uses, no ``None`` values), seeds, data set and model size as
+params once; the stage's description as the run description; the training and validation data as
+MLflow datasets (digest = the data fingerprint); environment, git and lineage as tags; one
+``log_batch`` per epoch with ``step=epoch``; the resolved config, the data fingerprint, the
+best/last checkpoints and plots as artifacts, reconstruction panels as image series with one step
+per epoch (``MlflowClient.log_image``). The run id is stored in every checkpoint
 (:meth:`MLflowCallback.state_dict`), so ``--resume`` reopens the same run: steps the run already
 has are not logged again and params keep their first value (a changed one is listed in the tag
 ``resume.changed_params``). Every write goes through :class:`tracking.runs.writer.TrackingWriter`, so a
@@ -36,6 +39,60 @@ MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
 MAX_KEY = 250  # MLflow's limit on a param, tag or metric name
 STATUS = {"finished": "FINISHED", "diverged": "FAILED", "failed": "FAILED", "killed": "KILLED", "interrupted": "KILLED"}
 CURVE_PREFIXES = ("train/", "val/", "best_")
+#: config sections a stage kind never reads (their params would only be noise); config.yaml keeps everything
+UNUSED_SECTIONS = {
+    "baseline": ("classifier", "classifier_model"),
+    "moe": ("classifier", "classifier_model"),
+    "classifier": ("model", "mask_aug", "p_mask", "mraugment", "p_aug", "loss", "moe"),
+}
+#: config keys logged otherwise than as a param (the description is the run's description)
+NOT_PARAMS = ("stage.description",)
+DESCRIPTION_TAG = "mlflow.note.content"
+MAX_DIGEST = 36  # MLflow's limit on a dataset digest
+PANEL_KEY = "reconstruction"
+
+
+def stage_params(kind: str, config: dict[str, Any]) -> dict[str, Any]:
+    """The flattened configuration a stage of ``kind`` uses: no unused section, no ``None`` value.
+
+    Args:
+        kind: ``baseline``, ``moe`` or ``classifier`` (another kind keeps every section).
+        config: the resolved configuration (nested).
+
+    Returns:
+        Dotted key -> value.
+    """
+    unused = UNUSED_SECTIONS.get(kind, ())
+    return {k: v for k, v in flatten(config).items()
+            if v is not None and k.split(".", 1)[0] not in unused and k not in NOT_PARAMS}
+
+
+def stage_datasets(event: StageStart) -> list[dict[str, str]]:
+    """The training and validation data of a stage as MLflow dataset inputs (see ``TrackingWriter.log_inputs``).
+
+    The digests are the stage's data fingerprints (``data.fingerprint``, ``data.val_fingerprint``), cut to
+    MLflow's 36 characters; the training digest is the one of the training files alone when the engine gives
+    it (``train_digest``), else the fingerprint of all data the stage reads.
+    """
+    data = event.config.get("data") or {}
+    root = Path(str(data.get("root") or event.data_root))
+    fp = event.data_fingerprint
+    out = []
+    train_splits = [str(s) for s in data.get("train_splits") or []]
+    train_digest = fp.get("train_digest") or fp.get("digest")
+    if train_digest:
+        profile = {k: fp[k] for k in ("n_files", "n_slices", "bytes") if k in fp}
+        profile["covers"] = "training splits" if fp.get("train_digest") else "all data the stage reads"
+        source = root / train_splits[0] if len(train_splits) == 1 else root
+        out.append({"name": "+".join(train_splits) or root.name, "digest": str(train_digest)[:MAX_DIGEST],
+                    "source_type": "local", "source": json.dumps({"uri": str(source)}),
+                    "profile": json.dumps({**profile, "splits": train_splits}), "context": "training"})
+    val_split = data.get("val_split")
+    if fp.get("val_digest") and val_split:
+        out.append({"name": str(val_split), "digest": str(fp["val_digest"])[:MAX_DIGEST], "source_type": "local",
+                    "source": json.dumps({"uri": str(root / str(val_split))}), "profile": None,
+                    "context": "validation"})
+    return out
 
 
 def mlflow_key(name: str) -> str:
@@ -160,6 +217,7 @@ class MLflowCallback(Callback):
             tags["smartify.resumed_from_run_id"] = str(resume_id)
         self.run_id = self.writer.create_run(self.experiment, self.run_name or event.stage, tags)
         self.writer.log_batch(self.run_id, params=params)
+        self.writer.log_inputs(self.run_id, stage_datasets(event))
         self._log_config(event.config, "config.yaml")
         self._log_text(json.dumps(event.data_fingerprint, indent=1, sort_keys=True, default=str),
                        "data_fingerprint.json")
@@ -238,7 +296,7 @@ class MLflowCallback(Callback):
     # ---- helpers ------------------------------------------------------------------------------
 
     def _params(self, event: StageStart) -> tuple[dict[str, str], list[str]]:
-        flat = {mlflow_key(k): v for k, v in flatten(event.config).items()}
+        flat = {mlflow_key(k): v for k, v in stage_params(event.kind, event.config).items()}
         digest = event.data_fingerprint.get("digest") or hashlib.sha256(
             json.dumps(event.data_fingerprint, sort_keys=True, default=str).encode()).hexdigest()
         ours = {**{mlflow_key(f"seed.{k}"): v for k, v in event.seeds.items()},
@@ -261,6 +319,9 @@ class MLflowCallback(Callback):
                 "smartify.family": event.family or "none", "device": event.device,
                 "smartify.output_dir": str(event.output_dir)}
         tags.update({mlflow_key(f"determinism.{k}"): str(v) for k, v in event.determinism.items()})
+        description = str((event.config.get("stage") or {}).get("description") or "").strip()
+        if description:
+            tags[DESCRIPTION_TAG] = description
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         if event.init_from:
@@ -355,9 +416,11 @@ class MLflowCallback(Callback):
             self.writer.log_artifact(self.run_id, plots.plot_schedules(self._history, folder / "schedules.png", title=title),
                                      "plots")
             if event.panels and event.epoch % self.panel_every == 0:
-                path = plots.plot_panel(event.panels, folder / f"panel_epoch{event.epoch:04d}.png",
-                                        f"{title}, epoch {event.epoch}")
-                self.writer.log_artifact(self.run_id, path, "plots/panels")
+                for panel in event.panels:  # one image series per slice: the run page's step slider is the epoch
+                    name = re.sub(r"[^A-Za-z0-9_.\- ]", "_", panel.name)
+                    path = plots.plot_panel([panel], folder / "panels" / f"{name}_epoch{event.epoch:04d}.png",
+                                            f"{stage.stage if stage else ''} epoch {event.epoch}")
+                    self.writer.log_image(self.run_id, path, f"{PANEL_KEY}/{name}", event.epoch)
         except (ValueError, OSError, RuntimeError) as exc:
             # A plot must never cost the training run; the error stays visible in the log.
             log.error("epoch %d: plots not made: %s", event.epoch, exc)

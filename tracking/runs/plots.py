@@ -2,7 +2,8 @@
 
 Figures are built with matplotlib's object API on the Agg canvas (no ``pyplot``, no global backend
 switch, safe in a training process) and written atomically; each function returns the PNG path.
-``history`` arguments map a metric name to its ``(step, value)`` points.
+``history`` arguments map a metric name to its ``(step, value)`` points. Every axis names its quantity
+and unit; titles are set on a constrained layout so they never overlap.
 """
 
 from __future__ import annotations
@@ -23,6 +24,19 @@ History = Mapping[str, Sequence[tuple[int, float]]]
 SCHEDULE_KEYS = ("lr", "schedule/p_remask", "schedule/p_aug")
 #: validation scores on one 0..1 scale (counts such as ``val/slices`` stay out of the plot)
 SCORE_WORDS = ("ssim", "accuracy", "leaderboard")
+TITLE_SIZE = 11
+EPOCH_LABEL = "epoch (completed passes over the training data)"
+
+
+def schedule_label(key: str) -> str:
+    """The y-axis label of a schedule: what it is and its unit."""
+    if key == "lr" or key.endswith("/lr"):
+        return "learning rate (per step, no unit)"
+    if "mask" in key:
+        return "probability of re-masking a slice (0-1)"
+    if "aug" in key:
+        return "probability of augmenting a slice (0-1)"
+    return f"{key} (no unit)"
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -48,9 +62,16 @@ def _draw(ax, history: History, keys: Sequence[str], dashed: Sequence[str] = ())
     if drawn:
         ax.legend(fontsize=7, loc="best")
         ax.grid(alpha=0.3)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(EPOCH_LABEL, fontsize=9)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return drawn
+
+
+def _figure(width: float, height: float, title: str) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    if title:
+        fig.suptitle(title, fontsize=TITLE_SIZE + 1)
+    return fig
 
 
 def plot_curves(history: History, path: str | Path, title: str = "") -> Path:
@@ -68,17 +89,17 @@ def plot_curves(history: History, path: str | Path, title: str = "") -> Path:
     losses = sorted(k for k in history if "loss" in k)
     scores = sorted(k for k in history if k.startswith(("val/", "best_")) and "loss" not in k
                     and any(word in k for word in SCORE_WORDS))
-    fig = Figure(figsize=(11, 4))
+    fig = _figure(11, 4.2, title)
     ax_loss, ax_val = fig.subplots(1, 2)
     if _draw(ax_loss, history, losses):
         values = [v for k in losses for v in _series(history[k])[1]]
         if values and min(values) > 0 and max(values) / min(values) > 20:
             ax_loss.set_yscale("log")
-    ax_loss.set_title("loss")
+    ax_loss.set_title("training and validation loss", fontsize=TITLE_SIZE)
+    ax_loss.set_ylabel("loss (per slice, no unit)", fontsize=9)
     _draw(ax_val, history, scores, dashed=[k for k in scores if k.startswith("best_")])
-    ax_val.set_title("validation")
-    if title:
-        fig.suptitle(title)
+    ax_val.set_title("validation scores (dashed: best so far)", fontsize=TITLE_SIZE)
+    ax_val.set_ylabel("SSIM / accuracy (0-1, higher is better)", fontsize=9)
     return _save(fig, path)
 
 
@@ -95,31 +116,41 @@ def plot_schedules(history: History, path: str | Path, keys: Sequence[str] = SCH
         ``path``.
     """
     present = [k for k in keys if _series(history.get(k, ()))[0]]
-    fig = Figure(figsize=(4 * max(len(present), 1), 3.2))
+    fig = _figure(4.5 * max(len(present), 1), 3.6, title)
     axes = np.atleast_1d(fig.subplots(1, max(len(present), 1)))
     if not present:
         axes[0].text(0.5, 0.5, "no schedule logged yet", ha="center", va="center")
         axes[0].set_axis_off()
     for ax, key in zip(axes, present):
         _draw(ax, history, [key])
-        ax.set_title(key)
+        ax.set_title(key, fontsize=TITLE_SIZE)
+        ax.set_ylabel(schedule_label(key), fontsize=8)
         if key == "lr":
             values = _series(history[key])[1]
             if min(values) > 0 and max(values) / min(values) > 20:
                 ax.set_yscale("log")
-    if title:
-        fig.suptitle(title)
     return _save(fig, path)
 
 
+def panel_title(panel) -> str:
+    """``<file>:<slice>, SSIM 0.9123`` (``SSIM n/a`` when the panel carries none)."""
+    ssim = float(getattr(panel, "ssim", math.nan))
+    return f"{panel.name}, SSIM {ssim:.4f}" if math.isfinite(ssim) else f"{panel.name}, SSIM n/a"
+
+
 def plot_panel(panels: Sequence, path: str | Path, title: str = "") -> Path:
-    """Reconstruction panel: one row per slice, columns target, zero-filled, output, |output - target|.
+    """Reconstruction panel: one row per slice, columns target, zero-filled, output and the error map.
+
+    Images share the target's grey scale (intensity in the data's units, shown 0 to its 99.5th percentile).
+    The error map is ``|output - target|`` in percent of the volume's maximum (``panel.max_value``, the
+    SSIM's data range); a panel without a finite maximum is shown relative to the target slice's maximum
+    and says so. Each row's title gives the slice's SSIM (``SSIM n/a`` when unknown).
 
     Args:
-        panels: objects with ``name`` and 2-D float arrays ``target``, ``zero_filled``, ``output``
-            of one shape (``recon.events.Panel``).
+        panels: objects with ``name``, 2-D float arrays ``target``, ``zero_filled``, ``output`` of one shape
+            and optional ``max_value``, ``ssim`` floats (``recon.events.Panel``).
         path: output PNG.
-        title: figure title (e.g. the epoch).
+        title: figure title (e.g. the stage and epoch).
 
     Returns:
         ``path``.
@@ -129,23 +160,29 @@ def plot_panel(panels: Sequence, path: str | Path, title: str = "") -> Path:
     """
     if not panels:
         raise ValueError("plot_panel: no panels given")
-    fig = Figure(figsize=(12, 3.2 * len(panels)))
-    axes = np.atleast_2d(fig.subplots(len(panels), 4))
-    for row, panel in zip(axes, panels):
+    fig = _figure(13, 3.4 * len(panels) + (0.4 if title else 0), title)
+    rows = np.atleast_2d(fig.subplots(len(panels), 4))
+    for row, panel in zip(rows, panels):
         images = [np.asarray(a, dtype=np.float64) for a in (panel.target, panel.zero_filled, panel.output)]
         if any(a.ndim != 2 or a.shape != images[0].shape for a in images):
             shapes = [a.shape for a in images]
             raise ValueError(f"plot_panel: panel {panel.name!r} needs three 2-D arrays of one shape, got {shapes}")
-        error = np.abs(images[2] - images[0])
+        scale = float(getattr(panel, "max_value", math.nan))
+        relative_to = "volume max"
+        if not (math.isfinite(scale) and scale > 0):
+            scale, relative_to = float(np.nanmax(images[0])) if images[0].size else 0.0, "slice max (volume max n/a)"
+        scale = scale if math.isfinite(scale) and scale > 0 else 1.0
+        error = 100.0 * np.abs(images[2] - images[0]) / scale
         vmax = float(np.nanpercentile(images[0], 99.5)) or float(np.nanmax(images[0])) or 1.0
-        for ax, image, label in zip(row, [*images, error], ("target", "zero-filled", "output", "|error|")):
-            if label == "|error|":
-                shown = ax.imshow(image, cmap="magma", vmin=0.0, vmax=max(float(error.max()), 1e-12))
-                fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+        labels = ("target", "zero-filled", "output", f"|output - target|, % of {relative_to}")
+        for ax, image, label in zip(row, [*images, error], labels):
+            if image is error:
+                shown = ax.imshow(image, cmap="magma", vmin=0.0, vmax=max(float(np.nanmax(error)), 1e-9))
+                bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+                bar.set_label("% of max", fontsize=8)
             else:
                 ax.imshow(image, cmap="gray", vmin=0.0, vmax=vmax)
-            ax.set_title(f"{panel.name}: {label}" if label == "target" else label, fontsize=8)
+            ax.set_title(label, fontsize=9)
             ax.set_axis_off()
-    if title:
-        fig.suptitle(title)
+        row[0].set_title(f"target\n{panel_title(panel)}", fontsize=9)
     return _save(fig, path)

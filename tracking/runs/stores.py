@@ -46,6 +46,11 @@ HTTP_DEFAULTS = {
 
 _REMOTE_SCHEMES = ("http", "https", "databricks")
 
+#: The experiment tag that tells the MLflow 3 UI what an experiment is for, and the value for model training.
+#: With it the experiment opens on its runs table (workflow "machine learning"), not on the GenAI traces overview.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+
 
 @dataclass(frozen=True)
 class Stores:
@@ -220,6 +225,9 @@ def experiment_artifact_location(name: str, stores: Stores) -> str | None:
 def get_or_create_experiment(name: str, stores: Stores, client=None) -> str:
     """The id of experiment ``name``, creating it (with an explicit artifact location) if needed.
 
+    The experiment is tagged as model training (:data:`EXPERIMENT_KIND_TAG`), also when it exists without
+    the tag, so the MLflow UI opens it on the runs table.
+
     Args:
         name: experiment name.
         stores: the resolved stores.
@@ -235,9 +243,12 @@ def get_or_create_experiment(name: str, stores: Stores, client=None) -> str:
     if found is not None:
         if found.lifecycle_stage == "deleted":
             raise InputError(f"experiment {name!r} is deleted in {redact_uri(stores.tracking_uri)}; restore or rename it")
+        if EXPERIMENT_KIND_TAG not in found.tags:  # made before smartify set the kind: the UI would guess it
+            client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
         return found.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=experiment_artifact_location(name, stores))
+        return client.create_experiment(name, artifact_location=experiment_artifact_location(name, stores),
+                                        tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
     except MlflowException as exc:
         # Another process created it between the lookup and the creation.
         found = client.get_experiment_by_name(name)

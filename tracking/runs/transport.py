@@ -73,7 +73,8 @@ def _batches(metrics: Sequence[MetricRow], params: dict[str, str],
 
 
 def send_record(client: Any, run_id: str, rec: dict[str, Any], file: Path | None) -> None:
-    """Apply one ``log_batch``, ``log_artifact``, ``set_terminated`` or ``reopen`` record to an existing run.
+    """Apply one ``log_batch``, ``log_artifact``, ``log_inputs``, ``log_image``, ``set_terminated`` or ``reopen``
+    record to an existing run.
 
     Args:
         client: an ``MlflowClient``.
@@ -94,6 +95,10 @@ def send_record(client: Any, run_id: str, rec: dict[str, Any], file: Path | None
         client.set_terminated(run_id, rec["status"], end_time=rec["end_time"])
     elif op == "reopen":
         client.update_run(run_id, status="RUNNING")
+    elif op == "log_inputs":
+        client.log_inputs(run_id, datasets=dataset_inputs(rec["datasets"]))
+    elif op == "log_image":
+        upload_image(client, run_id, file, rec["key"], rec["step"], rec["timestamp"])
     else:
         raise ValueError(f"unknown tracking record op {op!r}")
 
@@ -108,3 +113,30 @@ def upload_artifact(client: Any, run_id: str, local_path: str | Path, artifact_p
         link = Path(tmp) / name
         link.symlink_to(local_path.resolve())
         client.log_artifact(run_id, str(link), artifact_path)
+
+
+def dataset_inputs(datasets: Sequence[dict[str, Any]]) -> list[Any]:
+    """MLflow ``DatasetInput`` entities from plain dicts (``name``, ``digest``, ``source_type``, ``source``,
+    ``profile``, ``context``), as a ``log_inputs`` record stores them."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    return [DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"], profile=d.get("profile")),
+                         tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])]) for d in datasets]
+
+
+def upload_image(client: Any, run_id: str, png: Path, key: str, step: int, timestamp: int) -> None:
+    """Log a PNG file as step ``step`` of the image series ``key`` (the run page's image slider)."""
+    from PIL import Image
+
+    with Image.open(png) as image:
+        image.load()
+        client.log_image(run_id, image.convert("RGB"), key=key, step=int(step), timestamp=int(timestamp),
+                         synchronous=True)
+
+
+def image_logged(client: Any, run_id: str, key: str, step: int) -> bool:
+    """Whether the run has an image of series ``key`` at ``step`` already (MLflow names them
+    ``images/<key with ~ for />+step+<step>+timestamp+...``)."""
+    prefix = f"images/{key.replace('/', '~')}+step+{int(step)}+"
+    return any(a.path.startswith(prefix) for a in client.list_artifacts(run_id, "images"))

@@ -15,6 +15,8 @@ when a batch reached the server before its reply was lost. Params are only sent 
 params are immutable; changed values are listed in the tag ``resume.changed_params``). Artifacts and
 tags overwrite. A run that cannot be created (server down at stage start) gets a placeholder id
 ``local-<hex>``; the real run is created at replay and the spool's ``runs.json`` maps one to the other.
+MLflow itself deduplicates dataset inputs; an image is not replayed when its series has that step. Every
+run created here has MLflow's user and source tags (:func:`tracking.runs.environment.source_tags`).
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from tracking.runs.environment import source_tags
 from tracking.runs.spool import PLACEHOLDER_PREFIX, Spool, is_placeholder
 from tracking.runs.stores import Stores, get_or_create_experiment, make_client, redact_uri
-from tracking.runs.transport import MAX_TAG_VALUE, MetricRow, is_refused, is_transient, send_record
+from tracking.runs.transport import MAX_TAG_VALUE, MetricRow, image_logged, is_refused, is_transient, send_record
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +182,7 @@ class TrackingWriter:
         Returns:
             The run id (``local-...`` when it will be created at replay time).
         """
+        tags = {**source_tags(), **tags}  # "User" and "Source" in the UI, for every run smartify creates
         record = {"op": "create_run", "experiment": experiment, "run_name": run_name, "tags": dict(tags),
                   "start_time": start_time or _now_ms()}
         if self.online:
@@ -211,6 +215,26 @@ class TrackingWriter:
         name = name or Path(local_path).name
         record = {"op": "log_artifact", "artifact_path": artifact_path, "name": name}
         return self._write(run_id, record, file=Path(local_path))
+
+    def log_inputs(self, run_id: str, datasets: Sequence[dict[str, str]]) -> bool:
+        """Log the data sets a run used (the UI's "Dataset" column); True if sent now.
+
+        Args:
+            run_id: the run.
+            datasets: per data set ``name``, ``digest`` (<= 36 chars), ``source_type`` (``local``), ``source``
+                (JSON ``{"uri": ...}``), ``profile`` (JSON or None), ``context`` (``training``, ``validation``).
+        """
+        return self._write(run_id, {"op": "log_inputs", "datasets": [dict(d) for d in datasets]})
+
+    def log_image(self, run_id: str, png: str | Path, key: str, step: int) -> bool:
+        """Log a PNG as step ``step`` of the image series ``key`` (``MlflowClient.log_image``); True if sent now.
+
+        The UI shows a series as one image with a step slider. A spooled image replaces an earlier spooled
+        image of the same series and step.
+        """
+        record = {"op": "log_image", "key": key, "step": int(step), "timestamp": _now_ms(),
+                  "artifact_path": "images", "name": f"{key}+step+{int(step)}"}
+        return self._write(run_id, record, file=Path(png))
 
     def set_terminated(self, run_id: str, status: str, end_time: int | None = None) -> bool:
         """End a run with ``FINISHED``, ``FAILED`` or ``KILLED``; True if sent now."""
@@ -370,14 +394,14 @@ class Replayer:
                 return
             latest = {}
             for i, (_, rec) in enumerate(records):
-                if rec["op"] == "log_artifact":
+                if rec["op"] in ("log_artifact", "log_image"):
                     latest[(rec["artifact_path"], rec["name"])] = i
             for i, (end, rec) in enumerate(records):
                 if not self.w.online:
                     self.stats.pending += len(records) - i
                     return
                 try:
-                    self._apply(key, rec, superseded=rec["op"] == "log_artifact"
+                    self._apply(key, rec, superseded=rec["op"] in ("log_artifact", "log_image")
                                 and latest[(rec["artifact_path"], rec["name"])] != i)
                 except _Blocked:
                     self.stats.pending += len(records) - i
@@ -421,8 +445,8 @@ class Replayer:
             self.stats.skipped_metrics += len(rec["metrics"]) - len(metrics)
             rec = {**self.w.resolve_tags(rec, self._real_id), "metrics": metrics,
                    "params": self._new_params(run_id, rec["params"])}
-        elif op == "log_artifact":
-            if superseded:
+        elif op in ("log_artifact", "log_image"):
+            if superseded or (op == "log_image" and image_logged(self.w.client, run_id, rec["key"], rec["step"])):
                 self.stats.superseded += 1
                 return
             file = self.w.spool.dir / rec["file"]

@@ -5,6 +5,8 @@
 * :func:`plot_study`: optimisation history, intermediate values and parameter importances with
   ``optuna.visualization.matplotlib``. The importance evaluator is fANOVA when scikit-learn is installed (its
   random forest needs it) and PED-ANOVA otherwise (no extra dependency); ``importance`` in the tune file picks.
+  Importances need :data:`MIN_TRIALS_FOR_IMPORTANCE` complete trials; with fewer, a note says why there is no
+  figure (an importance ranking from two trials is noise).
 * :func:`write_overlay`: a stage YAML that inherits the base stage and sets the tuned values, which
   ``smartify train`` runs as it is.
 """
@@ -23,12 +25,16 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from recon.config import deep_merge, dump_yaml
-from recon.io import atomic_path
+from recon.io import atomic_path, write_text_atomic
 from tracking.tune.memory import format_bytes
 from tracking.tune.oom import PRUNE_REASON
 from tracking.tune.space import SearchSpace, StageLayers, nest
 
 log = logging.getLogger(__name__)
+
+#: complete trials needed before parameter importances are plotted
+MIN_TRIALS_FOR_IMPORTANCE = 5
+IMPORTANCE_NOTE = "param_importances_note"
 
 
 def trial_rows(study: optuna.Study, space: SearchSpace) -> list[dict[str, Any]]:
@@ -84,31 +90,63 @@ def importance_evaluator(kind: str, seed: int):
         return imp.PedAnovaImportanceEvaluator(), "ped-anova"
 
 
+def importance_note(study: optuna.Study) -> str | None:
+    """Why the study has no importance figure (too few complete trials), or None when it can have one."""
+    complete = sum(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    if complete >= MIN_TRIALS_FOR_IMPORTANCE:
+        return None
+    return (f"study {study.study_name}: parameter importances not computed: {complete} complete trial(s), "
+            f"at least {MIN_TRIALS_FOR_IMPORTANCE} are needed for a ranking that is more than noise")
+
+
 def plot_study(study: optuna.Study, folder: Path, importance: str = "auto", seed: int = 0) -> dict[str, Path]:
     """Optimisation history, intermediate values and parameter importances as PNG files.
 
     A figure that cannot be made (no complete trial yet, one parameter value only...) is skipped with a log line.
+    With fewer than :data:`MIN_TRIALS_FOR_IMPORTANCE` complete trials the importances are replaced by a text
+    note (``param_importances_note.txt``) saying so.
 
     Returns:
-        Figure name -> path.
+        Figure name -> path (the note's path under :data:`IMPORTANCE_NOTE`).
     """
     import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
     folder.mkdir(parents=True, exist_ok=True)
     evaluator, name = importance_evaluator(importance, seed)
+    metric = (study.metric_names or ["objective"])[0]
     makers = {
-        "optimization_history": lambda: ovm.plot_optimization_history(study),
+        "optimization_history": lambda: ovm.plot_optimization_history(study, target_name=metric),
         "intermediate_values": lambda: ovm.plot_intermediate_values(study),
-        f"param_importances_{name}": lambda: ovm.plot_param_importances(study, evaluator=evaluator),
+        f"param_importances_{name}": lambda: ovm.plot_param_importances(study, evaluator=evaluator,
+                                                                        target_name=metric),
+    }
+    labels = {  # (title, x label, y label): what each axis is, in which unit
+        "optimization_history": (f"study {study.study_name}: {metric} per trial", "trial number",
+                                 f"{metric} (a trial's value: its best epoch)"),
+        "intermediate_values": (f"study {study.study_name}: {metric} per epoch of each trial",
+                                "epoch of the trial (0 = its first)", f"{metric} at that epoch"),
+        f"param_importances_{name}": (f"study {study.study_name}: parameter importances ({name})",
+                                      f"importance for {metric} (relative, no unit)", "parameter"),
     }
     out: dict[str, Path] = {}
+    note = importance_note(study)
+    if note is not None:
+        log.warning("%s", note)
+        del makers[f"param_importances_{name}"]
+        out[IMPORTANCE_NOTE] = folder / f"{IMPORTANCE_NOTE}.txt"
+        write_text_atomic(out[IMPORTANCE_NOTE], note + "\n")
     for key, make in makers.items():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 axes = make()
-            fig = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+            ax = axes if hasattr(axes, "figure") else axes.flat[0]
+            fig = ax.figure
+            title, xlabel, ylabel = labels[key]
+            ax.set_title(title, fontsize=11, loc="left")
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(ylabel)
             path = folder / f"{key}.png"
             try:
                 with atomic_path(path) as tmp:

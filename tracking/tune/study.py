@@ -197,6 +197,10 @@ def open_study(storage: RDBStorage, name: str, cfg: TuneConfig, attrs: dict[str,
     if study.direction.name.lower() != cfg.direction:
         raise InputError(f"study {name!r} exists with direction {study.direction.name.lower()}, "
                          f"the tune file says {cfg.direction}")
+    if study.metric_names != [cfg.metric]:  # optuna-dashboard and the figures name the objective
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([cfg.metric])
     have = study.user_attrs
     for key, value in (attrs or {}).items():
         if key not in have:
