@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from recon.config import from_dict, load_yaml_layers
 from recon.errors import InputError
-from recon.io import COMPONENT_RULE, is_safe_component, safe_component
+from recon.io import safe_component
 
 #: keys a trial sets itself; a search space or ``fixed`` block may not touch them
 TRIAL_KEYS = ("train.epochs", "train.start_epoch", "output.dir", "seed", "model.seed", "init_from")
@@ -256,8 +256,6 @@ class TuneConfig:
     space: dict[str, ParamSpec] = field(default_factory=dict)
 
     def validate(self) -> None:
-        if self.study is not None and not is_safe_component(self.study):
-            raise ValueError(f"study {self.study!r}: {COMPONENT_RULE} (it names the overlay and trial folders)")
         if self.epochs_per_trial < 1 or self.n_trials < 0 or self.seed < 0:
             raise ValueError("expected epochs_per_trial >= 1, n_trials >= 0 and seed >= 0")
         if not self.space:
