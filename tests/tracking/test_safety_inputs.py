@@ -134,7 +134,8 @@ def _traversal_case(case: str, tmp: Path, data: Path) -> tuple[list[str], str, s
                 "tune", f"--study '../../../escaped': {RULE}")
     if case == "tune file study":
         tune = tmp / "tune.yaml"
-        tune.write_text(f"inherit: {TINY / 'tune.yaml'}\nstudy: ../../../escaped\n")
+        tune.write_text(f"inherit: {TINY / 'tune.yaml'}\nbase: {TINY / 'hacker_baseline.yaml'}\n"
+                        "study: ../../../escaped\n")
         return (["tune", str(tune), "--set", f"data.root={data}", "--overlay-dir", str(deep / "overlay"),
                  "--output-dir", str(deep / "trials" / "{study}")],
                 "tune", f"{tune}: study '../../../escaped': {RULE}")
