@@ -238,3 +238,20 @@ def test_registry_loader_refuses_pickled_code(tmp_path: Path, home: Path, stores
                               "tags.`smartify.kind` = 'submission'")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "holds pickled code" in runs[0].data.tags["smartify.error"]
+
+
+@pytest.mark.parametrize("value", ["..", ".", ".hidden", "../x", "a/b", "/abs", "a\\b", "", "a b", "x\n",
+                                   "é", "x" * 101, None, 3])
+def test_safe_component_refuses_anything_but_one_plain_name(value) -> None:
+    from recon.io import safe_component
+
+    with pytest.raises(InputError) as caught:
+        safe_component(value, "--study")
+    assert str(caught.value) == f"--study {value!r}: {RULE}"
+
+
+@pytest.mark.parametrize("value", ["tiny-tune", "hacker_baseline", "smartify-hacker", "v1.2", "_x", "x" * 100])
+def test_safe_component_keeps_plain_names(value: str) -> None:
+    from recon.io import safe_component
+
+    assert safe_component(value, "--study") == value
