@@ -14,6 +14,10 @@ and "no space left on device", whichever writer failed: an ``OSError`` with ``er
 anywhere in the exception chain, or a writer that hides the errno (``torch.save`` raises a
 ``RuntimeError`` from ``inline_container.cc``) while the destination's file system has less than
 :data:`FULL_BELOW_BYTES` free, measured before the temporary file is removed.
+
+Names that become path components (a stage, study, model or pipeline step name) pass
+:func:`safe_component`, so a name taken from a file, the command line or a shared database can never
+point outside the folder it is joined to (``../../x``, ``/abs``, ``.hidden``).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -35,6 +40,44 @@ FULL_BELOW_BYTES = 1 << 20
 _ENOSPC_TEXT = os.strerror(errno.ENOSPC).lower()  # "no space left on device"
 # what torch.save's C++ writer says when a write fails (it keeps no errno)
 _TORCH_WRITE_MARKERS = ("inline_container.cc", "pytorchstreamwriter", "file write failed", "iostream error")
+
+#: The longest name accepted as one path component (file systems allow 255 bytes; a suffix is added).
+MAX_COMPONENT = 100
+#: What a name used as a path component must be (the message of every refusal).
+COMPONENT_RULE = (f"must be a file-name component: letters, digits, '.', '_' or '-', not starting with '.', "
+                  f"at most {MAX_COMPONENT} characters")
+_COMPONENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+
+
+def is_safe_component(value: object) -> bool:
+    """Whether ``value`` is a string that :func:`safe_component` accepts.
+
+    Args:
+        value: the candidate name.
+
+    Returns:
+        True for a non-empty string of ``[A-Za-z0-9._-]`` that does not start with ``.`` and has at
+        most :data:`MAX_COMPONENT` characters (so never ``..``, a separator or an absolute path).
+    """
+    return isinstance(value, str) and len(value) <= MAX_COMPONENT and _COMPONENT.fullmatch(value) is not None
+
+
+def safe_component(value: object, what: str) -> str:
+    """Return ``value`` if it is safe as one file-name component, else refuse it.
+
+    Args:
+        value: a name that will be joined to a folder (study, stage, model, step...).
+        what: how the message names it, e.g. ``"--study"`` or ``"model name"``.
+
+    Returns:
+        ``value``, unchanged.
+
+    Raises:
+        InputError: ``<what> '<value>': must be a file-name component: ...``.
+    """
+    if not is_safe_component(value):
+        raise InputError(f"{what} {value!r}: {COMPONENT_RULE}")
+    return str(value)
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

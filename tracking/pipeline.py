@@ -50,6 +50,7 @@ from typing import Any
 from recon.config import dump_yaml, from_dict, load_yaml_layers, to_dict
 from recon.engine.stage import StageConfig
 from recon.errors import InputError
+from recon.io import safe_component
 from tracking.runs.callback import param_value, parent_run
 from tracking.runs.stores import Stores, resolve_stores
 from tracking.runs.writer import TrackingWriter
@@ -96,6 +97,7 @@ class Step:
     submit: bool = False
 
     def validate(self) -> None:
+        safe_component(self.name, "step name")  # <workdir>/<step name> and the tune study's name
         actions = [a for a in ("train", "tune", "promote") if getattr(self, a)] + (["submit"] if self.submit else [])
         if len(actions) != 1:
             raise InputError(f"step {self.name!r}: expected exactly one of train, tune, promote, submit; got {actions}")
@@ -113,6 +115,7 @@ class PipelineConfig:
     synth: SynthSpec | None = None
 
     def validate(self) -> None:
+        safe_component(self.name, "pipeline name")  # part of each tune step's study name (a file name)
         names = [s.name for s in self.steps]
         if len(set(names)) != len(names):
             raise InputError(f"pipeline {self.name!r}: step names must be unique, got {names}")

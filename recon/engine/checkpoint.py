@@ -16,6 +16,7 @@ configuration raises :class:`recon.errors.InputError` naming the file and the pr
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -230,13 +231,32 @@ def load_checkpoint(path: str | Path, which: str = "best", map_location: str | t
     try:
         payload = torch.load(file, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or unsafe files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{file}: cannot be read as a smartify checkpoint ({first})") from exc
+        raise _refusal(file, exc) from None
     if not isinstance(payload, dict) or payload.get(FORMAT_KEY) != FORMAT:
         raise InputError(f"{file}: not a smartify checkpoint (key 'format' is not {FORMAT!r})")
     _check_keys(payload, str(file))
     payload[PATH_KEY] = str(file)
     return payload
+
+
+def _refusal(file: Path, exc: Exception) -> InputError:
+    """One line for a file ``torch.load(weights_only=True)`` would not read.
+
+    torch's own message advises retrying with ``weights_only=False`` (which runs any code the file
+    holds) or allowlisting the class; neither is repeated: the line says why the file is refused.
+    """
+    text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return InputError(f"{file}: refused: it holds pickled code (a reference to {found.group(1)}), not only "
+                          "tensors and plain data; smartify never loads such a file")
+    if "Weights only load failed" in text:
+        stop = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        detail = stop.group(1).strip() if stop else type(exc).__name__
+        return InputError(f"{file}: refused: not only tensors and plain data (the safe unpickler stopped at: "
+                          f"{detail[:200]}); smartify never loads such a file")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return InputError(f"{file}: cannot be read as a smartify checkpoint ({first})")
 
 
 def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

@@ -24,6 +24,7 @@ from recon.models.classifier import ClassifierConfig
 from recon.config import apply_overrides, from_dict, load_yaml_layers, parse_overrides, record_sources, to_dict
 from recon.data.names import EXPERTS
 from recon.errors import InputError
+from recon.io import COMPONENT_RULE, is_safe_component
 from recon.losses import LossConfig
 from recon.models.config import PRESETS, PromptMRConfig
 from recon.schedules import LRScheduleConfig, RampScheduleConfig
@@ -49,6 +50,10 @@ class StageInfo(Section):
     kind: Literal["baseline", "moe", "classifier"] = "baseline"
     family: Literal["hacker", "helper", "none"] = "none"
     description: str = ""
+
+    def validate(self) -> None:
+        """Check the values (see :meth:`recon.sections.Section.validate`): the name becomes a folder."""
+        self.require(is_safe_component(self.name), "name", COMPONENT_RULE)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,7 @@
-"""``smartify models``: the model registry (``list`` its versions, ``register`` a stage checkpoint)."""
+"""``smartify models``: the model registry (``list`` its versions, ``register`` a stage checkpoint).
+
+Exit code 2 for bad input, and when the tracking server cannot be reached (one line naming its URL).
+"""
 
 from __future__ import annotations
 
@@ -32,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p_list.set_defaults(func=run_list)
     p_reg = sub.add_parser("register", help="register a stage checkpoint as a new version")
     p_reg.add_argument("checkpoint", type=Path, help="a .pt file or a stage folder (its checkpoints/best.pt)")
-    p_reg.add_argument("--name", help="registered model name (default: from the checkpoint's family)")
+    p_reg.add_argument("--name", help="registered model name: letters, digits, . _ - (default: from the "
+                       "checkpoint's family)")
     p_reg.add_argument("--which", choices=("best", "last"), default="best",
                        help="checkpoint of a folder (default: best)")
     p_reg.add_argument("--data-fingerprint", metavar="DIGEST",

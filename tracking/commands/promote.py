@@ -1,7 +1,8 @@
 """``smartify promote NAME VERSION``: move an alias (``champion``) to a version if it is no worse.
 
 Exit codes: 0 promoted (or already the holder), 1 refused (one line names both scores or what
-differs), 2 bad input (unknown model or version, ``--force`` without ``--reason``).
+differs), 2 bad input (unknown model or version, ``--force`` without ``--reason``) or a tracking
+server that cannot be reached (one line naming its URL, never "no version").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Resolves ``models:/smartify-{hacker,helper,classifier}@champion`` (each overridable) to concrete
 versions, runs the same inference as ``smartify reconstruct``, scores the output when labels
 exist, and logs a ``submission`` run with the exact versions used. Exit code 0 within the time
-budget, 1 over it, 2 for bad input.
+budget, 1 over it, 2 for bad input or a tracking server that cannot be reached (never read as "no alias").
 """
 
 from __future__ import annotations

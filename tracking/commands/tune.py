@@ -48,8 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trials", type=int, default=None, metavar="N",
                    help="trials this command runs (default: n_trials of the tune file; 0: only report)")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="start no trial after S seconds")
-    p.add_argument("--storage", metavar="URL", help="Optuna RDB storage (default: sqlite:///<home>/optuna.db)")
-    p.add_argument("--study", metavar="NAME", help="study name (default: the tune file's study or file name)")
+    p.add_argument("--storage", metavar="URL",
+                   help="Optuna RDB storage: sqlite:///path.db, postgresql+psycopg://user@host/db... "
+                        "(default: sqlite:///<home>/optuna.db)")
+    p.add_argument("--study", metavar="NAME",
+                   help="study name, also the overlay's file name: letters, digits, . _ - (default: the tune "
+                        "file's study or file name)")
     p.add_argument("--memory-budget", metavar="SIZE", help="GPU memory per trial, e.g. 8GiB, 7.5GB, none")
     add_stage_arguments(p)
     p.add_argument("--workers", type=int, default=1, metavar="K",

@@ -28,6 +28,7 @@ from torch import nn
 from recon.engine.checkpoint import PATH_KEY, Checkpoint, build_model, load_checkpoint
 from recon.errors import InputError
 from tracking.registry.artifact import WEIGHTS_FILE, file_sha256
+from tracking.registry.client import guarded
 from tracking.registry.versions import ModelVersionInfo, get_version_info
 from tracking.runs.stores import Stores, resolve_stores
 
@@ -49,9 +50,8 @@ def download_version(info: ModelVersionInfo, dst: str | Path, stores: Stores | N
 
     stores = stores or resolve_stores()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    local = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=info.source, dst_path=str(dst), tracking_uri=stores.tracking_uri
-    ))
+    local = Path(guarded(stores, mlflow.artifacts.download_artifacts,
+                         artifact_uri=info.source, dst_path=str(dst), tracking_uri=stores.tracking_uri))
     weights = local / WEIGHTS_FILE
     if not weights.is_file():
         raise InputError(f"{info.uri}: {info.source} has no {WEIGHTS_FILE} (not a smartify registered version)")

@@ -39,7 +39,8 @@ from datetime import datetime, timezone
 
 from recon.errors import InputError
 from tracking.registry.versions import UNKNOWN, ModelVersionInfo, get_version_info
-from tracking.runs.stores import Stores, make_client, resolve_stores
+from tracking.registry.client import registry_client
+from tracking.runs.stores import Stores, resolve_stores
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +187,7 @@ def promote(
     if reason is not None and len(reason) > _MAX_REASON:
         reason = reason[: _MAX_REASON - 3] + "..."
     stores = stores or resolve_stores()
-    client = make_client(stores)
+    client = registry_client(stores)
     candidate = get_version_info(name, version=version, stores=stores)
     holder = _holder(client, name, alias, stores)
     by, at = current_user(), datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -34,8 +34,10 @@ from typing import Any
 
 from recon.engine.checkpoint import Checkpoint, build_model
 from recon.errors import InputError
+from recon.io import safe_component
 from tracking.registry.artifact import export_version_files, validation_protocol, validation_score, weights_digest
-from tracking.runs.stores import Stores, get_or_create_experiment, make_client, redact_uri, resolve_stores
+from tracking.registry.client import registry_client
+from tracking.runs.stores import Stores, get_or_create_experiment, redact_uri, resolve_stores
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,9 @@ VAL_FINGERPRINT_PARAM = "data.val_fingerprint"
 FINGERPRINT_PARAM = "data.fingerprint"
 DEFAULT_EXPERIMENT = "smartify"
 UNKNOWN = "unknown"
+#: Error codes of a lookup whose answer is "there is no such version or alias" (an alias that does not
+#: exist is INVALID_PARAMETER_VALUE in MLflow 3).
+_ABSENT = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
 
 
@@ -143,9 +148,12 @@ def registered_name(checkpoint: Checkpoint, name: str | None = None) -> str:
     Returns:
         ``smartify-hacker`` / ``smartify-helper`` for reconstruction stages of that family,
         ``smartify-classifier`` for the classifier, or ``name``.
+
+    Raises:
+        InputError: ``name`` is not a file-name component (it names the artifact folder).
     """
-    if name:
-        return name
+    if name is not None:
+        return safe_component(name, "model name")
     if checkpoint.kind == "classifier":
         return NAMES["classifier"]
     family = checkpoint.family
@@ -248,11 +256,13 @@ def register_stage(
     Returns:
         The registered version.
     """
+    if name is not None:
+        safe_component(name, "model name")  # before anything is read or written
     stores = stores or resolve_stores()
     checkpoint = Checkpoint.load(checkpoint_path, which)
     model_name = registered_name(checkpoint, name)
     build_model(checkpoint)  # refuse weights that do not rebuild before anything is written
-    client = make_client(stores)
+    client = registry_client(stores)
     digest = weights_digest(checkpoint.model)
     _ensure_registered_model(client, model_name)
     existing = _existing_version(client, model_name, digest, _training_run(checkpoint))
@@ -329,6 +339,10 @@ def _model_version(client, name: str, version: int | None, alias: str | None):
             return client.get_model_version_by_alias(name, alias)
         return client.get_model_version(name, str(version))
     except MlflowException as exc:
+        if exc.error_code not in _ABSENT:  # the registry answered with another failure: say which
+            first = (str(exc).strip().splitlines() or [exc.error_code])[0]
+            raise InputError(f"registered model {name!r} in {redact_uri(client.stores.registry_uri)}: "
+                             f"{first[:300]} ({exc.error_code})") from None
         what = f"alias {alias!r}" if alias is not None else f"version {version}"
         raise InputError(f"registered model {name!r}: no {what} ({exc.error_code})") from None
 
@@ -362,7 +376,7 @@ def get_version_info(
         The version's information (with every alias that points at it).
     """
     name, number, alias = parse_model_ref(uri_or_name, version, alias)
-    client = make_client(stores or resolve_stores())
+    client = registry_client(stores or resolve_stores())
     mv = _model_version(client, name, number, alias)
     return ModelVersionInfo.from_mlflow(mv, _aliases(client, name).get(int(mv.version), ()))
 
@@ -377,7 +391,7 @@ def list_versions(name: str | None = None, stores: Stores | None = None) -> list
     Returns:
         The versions.
     """
-    client = make_client(stores or resolve_stores())
+    client = registry_client(stores or resolve_stores())
     names = [name] if name else sorted(m.name for m in client.search_registered_models())
     out: list[ModelVersionInfo] = []
     for model_name in names:

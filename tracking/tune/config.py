@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from recon.config import from_dict, load_yaml_layers
 from recon.errors import InputError
+from recon.io import safe_component
 
 #: keys a trial sets itself; a search space or ``fixed`` block may not touch them
 TRIAL_KEYS = ("train.epochs", "train.start_epoch", "output.dir", "seed", "model.seed", "init_from")
@@ -295,6 +296,67 @@ def load_tune_config(path: str | Path) -> tuple[TuneConfig, Path]:
     return cfg, base
 
 
-def study_name_of(cfg: TuneConfig, path: str | Path) -> str:
-    """The study name: ``study`` from the file, else the tune file's stem."""
-    return cfg.study or Path(path).stem
+def study_name_of(cfg: TuneConfig, path: str | Path, given: str | None = None) -> str:
+    """The study name: ``given`` (``--study``), else ``study`` from the file, else the tune file's stem.
+
+    The name becomes the overlay's file name and the trial folder (``{study}``), and a name given on the
+    command line may come from a shared storage, so it must be a file-name component.
+
+    Args:
+        cfg: the tune configuration.
+        path: the tune file.
+        given: the name from the command line, if any.
+
+    Returns:
+        The study name.
+
+    Raises:
+        InputError: the name is not a file-name component (see :func:`recon.io.safe_component`).
+    """
+    if given is not None:
+        return safe_component(given, "--study")
+    if cfg.study:
+        return safe_component(cfg.study, f"{path}: study")
+    return safe_component(Path(path).stem, f"{path}: study name (the file's name)")
+
+
+#: Storage URLs ``smartify tune --storage`` takes (SQLAlchemy URLs of Optuna's RDB storage).
+STORAGE_EXAMPLES = ("sqlite:///path/optuna.db", "postgresql+psycopg://user@host:5432/db",
+                    "mysql+pymysql://user@host/db")
+
+
+def check_storage_url(url: str, key: str = "--storage") -> str:
+    """Refuse an Optuna storage URL that SQLAlchemy cannot use, before anything is opened or written.
+
+    Args:
+        url: the storage URL.
+        key: how the message names it.
+
+    Returns:
+        ``url``, unchanged.
+
+    Raises:
+        InputError: ``<key> '<url>' (credentials removed): <why>; expected sqlite:///..., ...``; a known
+            database whose driver is not installed is named as such.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    from tracking.runs.stores import redact_uri
+
+    shown = redact_uri(url)
+    expected = "expected " + ", ".join(STORAGE_EXAMPLES)
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:  # a subclass of ArgumentError: first
+        scheme = url.split(":", 1)[0]
+        raise InputError(f"{key} {shown!r}: unknown database scheme {scheme!r}; {expected}") from None
+    except ArgumentError:
+        raise InputError(f"{key} {shown!r}: not a database URL; {expected}") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        raise InputError(f"{key} {shown!r}: the driver for {parsed.drivername} is not installed "
+                         f"({exc.name or exc}); {expected}") from None
+    return url

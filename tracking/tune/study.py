@@ -38,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from recon.errors import InputError
 from recon.events import Callback
 from recon.seeding import derive_seed
-from tracking.tune.config import TuneConfig, load_tune_config, parse_bytes, study_name_of
+from tracking.tune.config import TuneConfig, check_storage_url, load_tune_config, parse_bytes, study_name_of
 from tracking.tune.memory import (
     MemoryPredictor,
     ProbeInput,
@@ -305,7 +305,7 @@ def effective_tune(options: TuneOptions) -> tuple[TuneConfig, Path]:
         InputError: a bad tune file.
     """
     cfg, base_path = load_tune_config(options.tune_file)
-    name = options.study or study_name_of(cfg, options.tune_file)
+    name = study_name_of(cfg, options.tune_file, options.study)
     return dataclasses.replace(
         cfg, study=name, n_trials=cfg.n_trials if options.trials is None else options.trials,
         output_dir=str(options.output_dir or cfg.output_dir).replace("{study}", name),
@@ -346,13 +346,14 @@ def prepare(options: TuneOptions, create_run: bool = True) -> Prepared:
         The :class:`Prepared` study.
 
     Raises:
-        InputError: a bad tune file, space, budget or data folder.
+        InputError: a bad tune file, space, budget, data folder, storage URL or study name.
     """
     from recon.config import flatten, to_dict
     from tracking.runs.stores import default_optuna_storage, redact_uri
 
     cfg, base_path = effective_tune(options)
     name = str(cfg.study)
+    url = check_storage_url(options.storage) if options.storage else default_optuna_storage()
     budget = parse_bytes(cfg.memory_budget, "--memory-budget" if options.memory_budget is not None else "memory_budget")
     layers = stage_layers(cfg, base_path, options.overrides)
     space = SearchSpace(cfg.space, layers)
@@ -364,7 +365,6 @@ def prepare(options: TuneOptions, create_run: bool = True) -> Prepared:
         probe = largest_training_input(base)
     if cfg.enforce_budget:
         cap_cuda_memory(budget, base)
-    url = options.storage or default_optuna_storage()
     tracker: StudyTracker | None = None
     if options.tracking:
         from tracking.runs.stores import resolve_stores
