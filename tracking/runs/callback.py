@@ -8,24 +8,32 @@ the best/last checkpoints and plots as artifacts. The run id is stored in every 
 has are not logged again and params keep their first value (a changed one is listed in the tag
 ``resume.changed_params``). Every write goes through :class:`tracking.runs.writer.TrackingWriter`, so a
 dead tracking server never stops training.
+
+No event handler raises: a failure in one (a tracking store that is full, a bug here) is logged once per
+handler and training goes on; the stage's end prints one line with the records that were lost. A stage
+that ends while a ``KeyboardInterrupt`` propagates (Ctrl-C, or SIGTERM translated by ``tracking.cli``)
+ends its run KILLED, with the tag ``smartify.stopped_by`` (``SIGINT`` or ``SIGTERM``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import re
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from recon.config import dump_yaml, flatten
 from recon.events import Callback, CheckpointSaved, Divergence, EpochEnd, StageEnd, StageStart
 from tracking.runs import RUN_ID_KEY, plots
 from tracking.runs.environment import environment_tags, git_state
+from tracking.runs.failures import first_line
 from tracking.runs.stores import Stores, resolve_stores
 from tracking.runs.transport import MAX_TAG_VALUE
 from tracking.runs.writer import CHANGED_PARAMS_TAG, TrackingWriter
@@ -36,6 +44,34 @@ MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
 MAX_KEY = 250  # MLflow's limit on a param, tag or metric name
 STATUS = {"finished": "FINISHED", "diverged": "FAILED", "failed": "FAILED", "killed": "KILLED", "interrupted": "KILLED"}
 CURVE_PREFIXES = ("train/", "val/", "best_")
+
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Any])
+
+
+def _safe(handler: _Handler) -> _Handler:
+    """Run an event handler so that an ``Exception`` in it is logged (once per handler), never raised."""
+
+    @functools.wraps(handler)
+    def run(self: "MLflowCallback", *args: Any) -> Any:
+        try:
+            return handler(self, *args)
+        except Exception as exc:
+            self.writer.failures.warn(f"callback {handler.__name__}", "tracking: %s failed (%s); training goes on",
+                                      handler.__name__, first_line(exc), exc_info=True)
+            self.writer.failures.lost(handler.__name__, exc)
+            return {} if handler.__name__ == "state_dict" else None
+
+    return run  # type: ignore[return-value]
+
+
+def stop_reason() -> str | None:
+    """``SIGTERM``/``SIGINT`` while a ``KeyboardInterrupt`` (or ``tracking.cli.Terminated``) is handled or
+    propagating in this thread, else None: the run then ends KILLED."""
+    exc = sys.exc_info()[1]
+    if not isinstance(exc, KeyboardInterrupt):
+        return None
+    return str(getattr(exc, "signal_name", "SIGINT"))
 
 
 def mlflow_key(name: str) -> str:
@@ -91,6 +127,7 @@ def parent_run(
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
+        writer.log_batch(run_id, tags={"smartify.stopped_by": stop_reason() or "SIGINT"})
         raise
     finally:
         writer.set_terminated(run_id, status)
@@ -146,6 +183,7 @@ class MLflowCallback(Callback):
 
     # ---- events -------------------------------------------------------------------------------
 
+    @_safe
     def on_stage_start(self, event: StageStart) -> None:
         self._stage = event
         self._history, self._last_step, self._divergence = {}, {}, None
@@ -166,9 +204,10 @@ class MLflowCallback(Callback):
         self._start_monitor(resume=False)
         log.info("mlflow run %s (%s) for stage %s", self.run_id, self.stores.describe()["tracking_uri"], event.stage)
 
+    @_safe
     def on_epoch_end(self, event: EpochEnd) -> None:
         if self.run_id is None:
-            raise RuntimeError("MLflowCallback.on_epoch_end before on_stage_start")
+            return  # on_stage_start failed (and said so)
         if self._last_step is None and self.writer.online:
             self._load_run_state()  # resumed while the server was down: learn what it already has
         timestamp = int(time.time() * 1000)
@@ -192,6 +231,7 @@ class MLflowCallback(Callback):
         if sent and self.system_metrics and self._monitor_dead():
             self._start_monitor(resume=True)  # the server answered just now
 
+    @_safe
     def on_checkpoint(self, event: CheckpointSaved) -> None:
         if self.run_id is None:
             return
@@ -203,6 +243,7 @@ class MLflowCallback(Callback):
                 tags["smartify.best_metric"] = f"{event.metric:.6g}"
             self.writer.log_batch(self.run_id, tags=tags)
 
+    @_safe
     def on_divergence(self, event: Divergence) -> None:
         self._divergence = event
         if self.run_id is not None:
@@ -211,25 +252,39 @@ class MLflowCallback(Callback):
                 "smartify.divergence_step": str(event.step), "smartify.divergence_loss": repr(event.loss),
             })
 
+    @_safe
     def on_stage_end(self, event: StageEnd) -> None:
-        if self.run_id is None:
-            return
+        try:
+            if self.run_id is not None:
+                self._end_run(event)
+        finally:
+            lost = self.writer.failures.take_summary()
+            if lost:
+                log.warning("%s", lost)
+
+    def _end_run(self, event: StageEnd) -> None:
         status = STATUS.get(event.status, "FAILED")
         if self._divergence is not None and status == "FINISHED":
             status = "FAILED"
         tags = {"smartify.status": event.status}
+        stopped_by = stop_reason()
+        if stopped_by is not None:
+            status, tags["smartify.stopped_by"] = "KILLED", stopped_by
         if event.best_metric is not None:
             tags["smartify.best_metric"] = f"{event.best_metric:.6g}"
             tags["smartify.best_epoch"] = str(event.best_epoch)
         self.writer.log_batch(self.run_id, tags=tags)
-        self._stop_monitor()
-        self.writer.set_terminated(self.run_id, status)
+        try:
+            self._stop_monitor()
+        finally:
+            self.writer.set_terminated(self.run_id, status)
         self.writer.flush(force=self.writer.pending_records(self.run_id) > 0)
         left = self.writer.pending_records(self.run_id)
         if left:
             log.warning("%d tracking record(s) of run %s are spooled in %s; run `smartify tracking sync` "
                         "when the server is back", left, self.run_id, self.writer.spool.dir)
 
+    @_safe
     def state_dict(self) -> dict[str, Any]:
         if self.run_id is None:
             return {}

@@ -60,7 +60,7 @@ class FailureLog:
             log.debug(message, *args)
             return
         self._warned.add(kind)
-        log.warning(message + " (reported once per run of smartify; later ones at DEBUG)", *args,
+        log.warning(message + " (shown once)", *args,
                     exc_info=exc_info)
 
     def lost(self, kind: str, reason: BaseException | str) -> None:

@@ -15,6 +15,11 @@ when a batch reached the server before its reply was lost. Params are only sent 
 params are immutable; changed values are listed in the tag ``resume.changed_params``). Artifacts and
 tags overwrite. A run that cannot be created (server down at stage start) gets a placeholder id
 ``local-<hex>``; the real run is created at replay and the spool's ``runs.json`` maps one to the other.
+
+No write raises. A record the store refuses for good (HTTP 4xx, an artifact store that is full) is listed,
+with the reason, in ``<run>.rejected.jsonl`` and counted as lost; a record that cannot even be spooled
+(the spool's disk is full) is counted as lost too. Each kind of failure is logged once
+(:class:`tracking.runs.failures.FailureLog`); the end of a stage prints one line with the lost counts.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from tracking.runs.failures import FailureLog, first_line, is_store_full
 from tracking.runs.replay import CHANGED_PARAMS_TAG, Replayer, ReplayStats, replay_spool  # noqa: F401 - re-exported
 from tracking.runs.spool import PLACEHOLDER_PREFIX, Spool, is_placeholder
 from tracking.runs.stores import Stores, get_or_create_experiment, make_client, redact_uri
@@ -73,6 +79,7 @@ class TrackingWriter:
         self._offline_until = 0.0
         self._known: dict[str, str] = {}
         self._spooled_artifacts: dict[tuple[str, str], Path] = {}
+        self.failures = FailureLog()
 
     @property
     def client(self) -> Any:
@@ -108,10 +115,8 @@ class TrackingWriter:
         Args:
             exc: the error of the failed call (its first line is logged).
         """
-        log.warning(
-            "tracking server %s unreachable (%s); spooling to %s, next attempt in %.0f s",
-            self._uri, str(exc).splitlines()[0][:200], self.spool.dir, self._backoff,
-        )
+        self.failures.warn("unreachable", "tracking server %s unreachable (%s); spooling to %s, next attempt in %.0f s",
+                           self._uri, first_line(exc), self.spool.dir, self._backoff)
         self._offline_until = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, self._max_retry_after)
 
@@ -158,10 +163,12 @@ class TrackingWriter:
                 resolved = self.resolve_tags(record)
                 if resolved is not None and self.online:
                     return self.create_from_record(resolved)
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                self.note_failure(exc)
+            except Exception as exc:  # never out of the writer: the record is spooled, a replay retries it
+                if is_transient(exc):
+                    self.note_failure(exc)
+                else:
+                    self.failures.warn("create_run", "tracking: run %s not created in %s (%s); spooled",
+                                       run_name, self._uri, first_line(exc), exc_info=not is_refused(exc))
         placeholder = PLACEHOLDER_PREFIX + uuid.uuid4().hex
         self._spool(placeholder, record)
         log.warning("run for %s not created yet (%s); local id %s", run_name,
@@ -191,14 +198,16 @@ class TrackingWriter:
         return self._write(run_id, {"op": "reopen"})
 
     def flush(self, force: bool = False) -> ReplayStats:
-        """Replay pending records of this tracking URI (skipped while offline unless ``force``)."""
-        if self.offline:
-            return ReplayStats(pending=self.pending_records())
-        if not self.online:
-            if not force:
+        """Replay pending records of this tracking URI (skipped while offline unless ``force``); never raises."""
+        try:
+            if self.offline or (not self.online and not force):
                 return ReplayStats(pending=self.pending_records())
             self._offline_until = 0.0
-        return Replayer(self).run()
+            return Replayer(self).run()
+        except Exception as exc:  # a replay that fails leaves the records in the spool for `tracking sync`
+            self.failures.warn("replay", "tracking: replaying the spool %s failed (%s); the records stay there",
+                               self.spool.dir, first_line(exc), exc_info=not is_refused(exc))
+            return ReplayStats()
 
     def pending_records(self, run_id: str | None = None) -> int:
         """Records waiting in the spool (for one run, or all)."""
@@ -253,8 +262,19 @@ class TrackingWriter:
     # ---- internals ----------------------------------------------------------------------------
 
     def _write(self, key: str, record: dict[str, Any], file: Path | None = None) -> bool:
+        """Send or spool one record; never raises (see the module docstring)."""
+        try:
+            return self._send(key, record, file)
+        except Exception as exc:  # a bug here or in a client: the record is spooled for `tracking sync`
+            self.failures.warn("error", "tracking: %s for %s failed unexpectedly (%s); spooled",
+                               record["op"], key, first_line(exc), exc_info=True)
+            self._spool(key, record, file)
+            return False
+
+    def _send(self, key: str, record: dict[str, Any], file: Path | None) -> bool:
         if file is not None and not file.is_file():
-            log.error("artifact %s does not exist; not logged", file)
+            self.failures.warn("missing file", "tracking: artifact %s does not exist; not logged", file)
+            self.failures.lost(record["op"], f"{file} does not exist")
             return False
         blocked = self.spool.has_pending(key) or self.resolve(key) is None
         if blocked or not self.online:
@@ -269,17 +289,27 @@ class TrackingWriter:
                 return False
             send_record(self.client, self.resolve(key), resolved, file)
         except Exception as exc:
-            if is_refused(exc):
-                log.error("tracking record refused by %s (%s): %s", self._uri, record["op"], exc)
-                self.spool.reject(key, record, str(exc))
+            if is_transient(exc):
+                self.note_failure(exc)
+                self._spool(key, record, file)
                 return False
-            if not is_transient(exc):
+            if not is_refused(exc):
                 raise
-            self.note_failure(exc)
-            self._spool(key, record, file)
+            self._reject(key, record, exc)
             return False
         self.note_success()
         return True
+
+    def _reject(self, key: str, record: dict[str, Any], exc: BaseException) -> None:
+        """A record the store refused (or an artifact a full store cannot take): listed aside, counted lost."""
+        self.failures.warn("store full" if is_store_full(exc) else f"refused {record['op']}",
+                           "tracking: %s not stored by %s (%s); training goes on, the record is listed in %s",
+                           record["op"], self._uri, first_line(exc), self.spool.dir / f"{key}.rejected.jsonl")
+        self.failures.lost(record["op"], exc)
+        try:
+            self.spool.reject(key, {**record, "run": key, "uri": self._uri, "t": _now_ms()}, str(exc))
+        except OSError as spool_exc:
+            self.failures.warn("spool", "tracking: could not write the spool %s (%s)", self.spool.dir, spool_exc)
 
     def _spool(self, key: str, record: dict[str, Any], file: Path | None = None) -> None:
         record = {**record, "run": key, "uri": self._uri, "t": _now_ms()}
@@ -293,4 +323,6 @@ class TrackingWriter:
                 self._spooled_artifacts[dest] = self.spool.dir / record["file"]
             self.spool.append(key, record)
         except OSError as exc:
-            log.error("could not spool tracking record %s for %s: %s (record lost)", record["op"], key, exc)
+            self.failures.warn("spool", "tracking: could not write the spool %s (%s); records are lost",
+                               self.spool.dir, first_line(exc))
+            self.failures.lost(record["op"], exc)
