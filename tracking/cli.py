@@ -4,6 +4,11 @@ Each command module defines ``register(subparsers)``, which adds its parser and 
 ``func=run`` where ``run(args) -> int`` returns the exit code. Bad input raises
 :class:`recon.errors.InputError` (or ``FileNotFoundError``) and is reported as one line with exit
 code 2; nothing here falls back silently.
+
+Signals: SIGTERM (``timeout``, SLURM preemption, Kubernetes) is translated into :class:`Terminated`, a
+``KeyboardInterrupt``, so that it takes the Ctrl-C path everywhere: the step in progress is abandoned,
+checkpoints stay as they were (they are written atomically), the stage's MLflow run ends KILLED, and the
+command prints one line and exits 143 (130 for Ctrl-C). A second SIGTERM during that cleanup is ignored.
 """
 
 from __future__ import annotations
@@ -12,8 +17,13 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
-from typing import Sequence
+import threading
+from pathlib import Path
+from contextlib import contextmanager
+from types import FrameType
+from typing import Iterator, Sequence
 
 from recon.errors import InputError
 
@@ -41,6 +51,51 @@ EPILOG = """examples:
   smartify submit --data /tmp/data/leaderboard --out /tmp/submission
   smartify ui
 """
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread by the handler that :func:`sigterm_as_exception` installs.
+
+    A command may add ``output_dir`` (a stage's folder: the message names its checkpoints and ``--resume``)
+    or ``detail`` (one more clause for the message) while the exception propagates.
+    """
+
+    signal_name = "SIGTERM"
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the cleanup of the first one must not be cut short
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_as_exception() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (main thread only); the previous handler comes back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def terminated_message(command: str, exc: Terminated) -> str:
+    """The one line printed for a command ended by SIGTERM."""
+    parts = [f"smartify {command}: terminated ({exc.signal_name})"]
+    out = getattr(exc, "output_dir", None)
+    if out is not None:
+        last = Path(out) / "checkpoints" / "last.pt"
+        if last.is_file():
+            parts.append(f"checkpoints in {last.parent}")
+            if command == "train":
+                parts.append(f"resume with --resume {out}")
+        else:
+            parts.append(f"no checkpoint written yet in {last.parent}")
+    if getattr(exc, "detail", None):
+        parts.append(str(exc.detail))
+    return "; ".join(parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,10 +127,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return int(args.func(args) or 0)
+        with sigterm_as_exception():
+            return int(args.func(args) or 0)
     except (InputError, FileNotFoundError, FileExistsError) as exc:
         print(f"smartify {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated as exc:
+        print(terminated_message(args.command, exc), file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"smartify {args.command}: interrupted", file=sys.stderr)
         return 130
