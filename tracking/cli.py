@@ -8,7 +8,8 @@ code 2; nothing here falls back silently.
 Signals: SIGTERM (``timeout``, SLURM preemption, Kubernetes) is translated into :class:`Terminated`, a
 ``KeyboardInterrupt``, so that it takes the Ctrl-C path everywhere: the step in progress is abandoned,
 checkpoints stay as they were (they are written atomically), the stage's MLflow run ends KILLED, and the
-command prints one line and exits 143 (130 for Ctrl-C). A second SIGTERM during that cleanup is ignored.
+command prints one line and exits 143 (130 for Ctrl-C). A second SIGTERM during that cleanup is ignored;
+one whose exception Python swallowed (raised inside a ``__del__``) is sent again.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import threading
 from pathlib import Path
 from contextlib import contextmanager
 from types import FrameType
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from recon.errors import InputError
 
@@ -63,9 +64,32 @@ class Terminated(KeyboardInterrupt):
     signal_name = "SIGTERM"
 
 
+_terminating = threading.Event()  # set from the first SIGTERM until its exception is under way
+
+
 def _on_sigterm(signum: int, frame: FrameType | None) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the cleanup of the first one must not be cut short
+    if _terminating.is_set():
+        return  # a second SIGTERM must not cut the cleanup of the first short
+    _terminating.set()
     raise Terminated()
+
+
+def _unraisable(hook: Callable[[Any], None]) -> Callable[[Any], None]:
+    """A ``sys.unraisablehook`` that sends SIGTERM again when its exception was swallowed.
+
+    The handler runs between any two bytecodes of the main thread, also inside a ``__del__`` or a weakref
+    callback, where Python prints the exception and drops it: then the signal is sent again, once the
+    current callback is over.
+    """
+
+    def run(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, Terminated):
+            hook(unraisable)
+            return
+        _terminating.clear()
+        threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGTERM)).start()
+
+    return run
 
 
 @contextmanager
@@ -74,11 +98,14 @@ def sigterm_as_exception() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous, hook = signal.signal(signal.SIGTERM, _on_sigterm), sys.unraisablehook
+    sys.unraisablehook = _unraisable(hook)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        sys.unraisablehook = hook
+        _terminating.clear()
 
 
 def terminated_message(command: str, exc: Terminated) -> str:

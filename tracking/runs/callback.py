@@ -269,7 +269,7 @@ class MLflowCallback(Callback):
         tags = {"smartify.status": event.status}
         stopped_by = stop_reason()
         if stopped_by is not None:
-            status, tags["smartify.stopped_by"] = "KILLED", stopped_by
+            status, tags["smartify.status"], tags["smartify.stopped_by"] = "KILLED", "killed", stopped_by
         if event.best_metric is not None:
             tags["smartify.best_metric"] = f"{event.best_metric:.6g}"
             tags["smartify.best_epoch"] = str(event.best_epoch)
