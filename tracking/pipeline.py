@@ -51,7 +51,8 @@ from recon.config import dump_yaml, from_dict, load_yaml_layers, to_dict
 from recon.engine.stage import StageConfig
 from recon.errors import InputError
 from recon.io import safe_component
-from tracking.runs.callback import param_value, parent_run
+from tracking.runs.params import param_value
+from tracking.runs.parent import parent_run
 from tracking.runs.stores import Stores, resolve_stores
 from tracking.runs.writer import TrackingWriter
 from tracking.train import StageTracking, effective_stage, load_stage, provenance_tags, run_tracked_stage

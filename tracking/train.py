@@ -322,6 +322,9 @@ def run_tracked_stage(
     start = time.perf_counter()
     try:
         end = run_stage(cfg, resolved, callback_list, resume=resume)  # init_from is in cfg (effective_stage)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (tracking.cli.Terminated): the CLI's line names the folder
+        exc.output_dir = cfg.output_dir
+        raise
     except DivergenceError as exc:
         if raise_divergence:
             raise

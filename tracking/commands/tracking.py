@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tracking.runs.spool import spool_summary
 from tracking.runs.stores import apply_http_defaults, resolve_stores
-from tracking.runs.writer import replay_spool
+from tracking.runs.replay import replay_spool
 
 EPILOG = """examples:
   smartify tracking info

@@ -232,6 +232,10 @@ def submit(
         )
         evaluation = evaluate_folder_if_labelled(data_dir, out_dir, device) if evaluate else None
         _log_outcome(client, run_id, recon, evaluation, versions)
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (tracking.cli.Terminated): every output file is whole
+        client.set_tag(run_id, "smartify.stopped_by", str(getattr(exc, "signal_name", "SIGINT")))
+        client.set_terminated(run_id, "KILLED")
+        raise
     except BaseException as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         client.set_tag(run_id, "smartify.error", f"{type(exc).__name__}: {first}"[:1000])

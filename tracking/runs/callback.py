@@ -11,147 +11,71 @@ per epoch (``MlflowClient.log_image``). The run id is stored in every checkpoint
 has are not logged again and params keep their first value (a changed one is listed in the tag
 ``resume.changed_params``). Every write goes through :class:`tracking.runs.writer.TrackingWriter`, so a
 dead tracking server never stops training.
+
+No event handler raises: a failure in one (a tracking store that is full, a bug here) is logged once per
+handler and training goes on; the stage's end prints one line with the records that were lost. A stage
+that ends while a ``KeyboardInterrupt`` propagates (Ctrl-C, or SIGTERM translated by ``tracking.cli``)
+ends its run KILLED, with the tag ``smartify.stopped_by`` (``SIGINT`` or ``SIGTERM``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import re
+import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, TypeVar
 
-from recon.config import dump_yaml, flatten
+from recon.config import dump_yaml
 from recon.events import Callback, CheckpointSaved, Divergence, EpochEnd, StageEnd, StageStart
 from tracking.runs import RUN_ID_KEY, plots
 from tracking.runs.environment import environment_tags, git_state
+from tracking.runs.failures import first_line
+from tracking.runs.params import mlflow_key, param_value, stage_datasets, stage_params
 from tracking.runs.stores import Stores, resolve_stores
 from tracking.runs.transport import MAX_TAG_VALUE
-from tracking.runs.writer import CHANGED_PARAMS_TAG, TrackingWriter
+from tracking.runs.replay import CHANGED_PARAMS_TAG
+from tracking.runs.writer import TrackingWriter
 
 log = logging.getLogger(__name__)
 
-MAX_PARAM_VALUE = 6000  # MLflow's limit on a param value
-MAX_KEY = 250  # MLflow's limit on a param, tag or metric name
 STATUS = {"finished": "FINISHED", "diverged": "FAILED", "failed": "FAILED", "killed": "KILLED", "interrupted": "KILLED"}
 CURVE_PREFIXES = ("train/", "val/", "best_")
-#: config sections a stage kind never reads (their params would only be noise); config.yaml keeps everything
-UNUSED_SECTIONS = {
-    "baseline": ("classifier", "classifier_model"),
-    "moe": ("classifier", "classifier_model"),
-    "classifier": ("model", "mask_aug", "p_mask", "mraugment", "p_aug", "loss", "moe"),
-}
-#: config keys logged otherwise than as a param (the description is the run's description)
-NOT_PARAMS = ("stage.description",)
 DESCRIPTION_TAG = "mlflow.note.content"
-MAX_DIGEST = 36  # MLflow's limit on a dataset digest
 PANEL_KEY = "reconstruction"
 
 
-def stage_params(kind: str, config: dict[str, Any]) -> dict[str, Any]:
-    """The flattened configuration a stage of ``kind`` uses: no unused section, no ``None`` value.
-
-    Args:
-        kind: ``baseline``, ``moe`` or ``classifier`` (another kind keeps every section).
-        config: the resolved configuration (nested).
-
-    Returns:
-        Dotted key -> value.
-    """
-    unused = UNUSED_SECTIONS.get(kind, ())
-    return {k: v for k, v in flatten(config).items()
-            if v is not None and k.split(".", 1)[0] not in unused and k not in NOT_PARAMS}
+_Handler = TypeVar("_Handler", bound=Callable[..., Any])
 
 
-def stage_datasets(event: StageStart) -> list[dict[str, str]]:
-    """The training and validation data of a stage as MLflow dataset inputs (see ``TrackingWriter.log_inputs``).
+def _safe(handler: _Handler) -> _Handler:
+    """Run an event handler so that an ``Exception`` in it is logged (once per handler), never raised."""
 
-    The digests are the stage's data fingerprints (``data.fingerprint``, ``data.val_fingerprint``), cut to
-    MLflow's 36 characters; the training digest is the one of the training files alone when the engine gives
-    it (``train_digest``), else the fingerprint of all data the stage reads.
-    """
-    data = event.config.get("data") or {}
-    root = Path(str(data.get("root") or event.data_root))
-    fp = event.data_fingerprint
-    out = []
-    train_splits = [str(s) for s in data.get("train_splits") or []]
-    train_digest = fp.get("train_digest") or fp.get("digest")
-    if train_digest:
-        profile = {k: fp[k] for k in ("n_files", "n_slices", "bytes") if k in fp}
-        profile["covers"] = "training splits" if fp.get("train_digest") else "all data the stage reads"
-        source = root / train_splits[0] if len(train_splits) == 1 else root
-        out.append({"name": "+".join(train_splits) or root.name, "digest": str(train_digest)[:MAX_DIGEST],
-                    "source_type": "local", "source": json.dumps({"uri": str(source)}),
-                    "profile": json.dumps({**profile, "splits": train_splits}), "context": "training"})
-    val_split = data.get("val_split")
-    if fp.get("val_digest") and val_split:
-        out.append({"name": str(val_split), "digest": str(fp["val_digest"])[:MAX_DIGEST], "source_type": "local",
-                    "source": json.dumps({"uri": str(root / str(val_split))}), "profile": None,
-                    "context": "validation"})
-    return out
+    @functools.wraps(handler)
+    def run(self: "MLflowCallback", *args: Any) -> Any:
+        try:
+            return handler(self, *args)
+        except Exception as exc:
+            self.writer.failures.warn(f"callback {handler.__name__}", "tracking: %s failed (%s); training goes on",
+                                      handler.__name__, first_line(exc), exc_info=True)
+            self.writer.failures.lost(handler.__name__, exc)
+            return {} if handler.__name__ == "state_dict" else None
+
+    return run  # type: ignore[return-value]
 
 
-def mlflow_key(name: str) -> str:
-    """A valid MLflow param/metric/tag name: allowed characters only, a clean relative path, <= 250 chars."""
-    cleaned = re.sub(r"[^/\w.\- :]", "_", str(name))
-    parts = [("_" if p in (".", "..") else p) for p in cleaned.split("/") if p]
-    return ("/".join(parts) or "_")[:MAX_KEY]
-
-
-def param_value(value: Any) -> tuple[str, bool]:
-    """A param's text (lists and dicts as compact JSON) and whether it had to be truncated."""
-    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str) \
-        if isinstance(value, (list, tuple, dict)) else str(value)
-    if len(text) <= MAX_PARAM_VALUE:
-        return text, False
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    marker = f"...[truncated {len(text)} chars, sha256 {digest}; see config.yaml]"
-    return text[: MAX_PARAM_VALUE - len(marker)] + marker, True
-
-
-def start_parent_run(
-    stores: Stores, experiment: str, name: str, tags: dict[str, str] | None = None,
-    writer: TrackingWriter | None = None,
-) -> str:
-    """Create the parent run of one pipeline invocation; stage runs nest under it.
-
-    Args:
-        stores: tracking stores.
-        experiment: experiment name.
-        name: run name (e.g. the pipeline or study name).
-        tags: extra tags.
-        writer: a writer to share with the stage callbacks (one is made if None).
-
-    Returns:
-        The run id (a ``local-`` placeholder while the server is unreachable).
-    """
-    writer = writer or TrackingWriter(stores)
-    all_tags = {**environment_tags(), "smartify.kind": "pipeline", **(tags or {})}
-    return writer.create_run(experiment, name, all_tags)
-
-
-@contextmanager
-def parent_run(
-    stores: Stores, experiment: str, name: str, tags: dict[str, str] | None = None,
-    writer: TrackingWriter | None = None,
-) -> Iterator[str]:
-    """Context manager around :func:`start_parent_run`: FINISHED on success, KILLED on Ctrl-C, else FAILED."""
-    writer = writer or TrackingWriter(stores)
-    run_id = start_parent_run(stores, experiment, name, tags, writer)
-    status = "FAILED"
-    try:
-        yield run_id
-        status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        writer.set_terminated(run_id, status)
-        writer.flush()
+def stop_reason() -> str | None:
+    """``SIGTERM``/``SIGINT`` while a ``KeyboardInterrupt`` (or ``tracking.cli.Terminated``) is handled or
+    propagating in this thread, else None: the run then ends KILLED."""
+    exc = sys.exc_info()[1]
+    if not isinstance(exc, KeyboardInterrupt):
+        return None
+    return str(getattr(exc, "signal_name", "SIGINT"))
 
 
 class MLflowCallback(Callback):
@@ -203,6 +127,7 @@ class MLflowCallback(Callback):
 
     # ---- events -------------------------------------------------------------------------------
 
+    @_safe
     def on_stage_start(self, event: StageStart) -> None:
         self._stage = event
         self._history, self._last_step, self._divergence = {}, {}, None
@@ -224,9 +149,10 @@ class MLflowCallback(Callback):
         self._start_monitor(resume=False)
         log.info("mlflow run %s (%s) for stage %s", self.run_id, self.stores.describe()["tracking_uri"], event.stage)
 
+    @_safe
     def on_epoch_end(self, event: EpochEnd) -> None:
         if self.run_id is None:
-            raise RuntimeError("MLflowCallback.on_epoch_end before on_stage_start")
+            return  # on_stage_start failed (and said so)
         if self._last_step is None and self.writer.online:
             self._load_run_state()  # resumed while the server was down: learn what it already has
         timestamp = int(time.time() * 1000)
@@ -250,6 +176,7 @@ class MLflowCallback(Callback):
         if sent and self.system_metrics and self._monitor_dead():
             self._start_monitor(resume=True)  # the server answered just now
 
+    @_safe
     def on_checkpoint(self, event: CheckpointSaved) -> None:
         if self.run_id is None:
             return
@@ -261,6 +188,7 @@ class MLflowCallback(Callback):
                 tags["smartify.best_metric"] = f"{event.metric:.6g}"
             self.writer.log_batch(self.run_id, tags=tags)
 
+    @_safe
     def on_divergence(self, event: Divergence) -> None:
         self._divergence = event
         if self.run_id is not None:
@@ -269,25 +197,39 @@ class MLflowCallback(Callback):
                 "smartify.divergence_step": str(event.step), "smartify.divergence_loss": repr(event.loss),
             })
 
+    @_safe
     def on_stage_end(self, event: StageEnd) -> None:
-        if self.run_id is None:
-            return
+        try:
+            if self.run_id is not None:
+                self._end_run(event)
+        finally:
+            lost = self.writer.failures.take_summary()
+            if lost:
+                log.warning("%s", lost)
+
+    def _end_run(self, event: StageEnd) -> None:
         status = STATUS.get(event.status, "FAILED")
         if self._divergence is not None and status == "FINISHED":
             status = "FAILED"
         tags = {"smartify.status": event.status}
+        stopped_by = stop_reason()
+        if stopped_by is not None:
+            status, tags["smartify.status"], tags["smartify.stopped_by"] = "KILLED", "killed", stopped_by
         if event.best_metric is not None:
             tags["smartify.best_metric"] = f"{event.best_metric:.6g}"
             tags["smartify.best_epoch"] = str(event.best_epoch)
         self.writer.log_batch(self.run_id, tags=tags)
-        self._stop_monitor()
-        self.writer.set_terminated(self.run_id, status)
+        try:
+            self._stop_monitor()
+        finally:
+            self.writer.set_terminated(self.run_id, status)
         self.writer.flush(force=self.writer.pending_records(self.run_id) > 0)
         left = self.writer.pending_records(self.run_id)
         if left:
             log.warning("%d tracking record(s) of run %s are spooled in %s; run `smartify tracking sync` "
                         "when the server is back", left, self.run_id, self.writer.spool.dir)
 
+    @_safe
     def state_dict(self) -> dict[str, Any]:
         if self.run_id is None:
             return {}

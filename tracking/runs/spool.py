@@ -10,6 +10,7 @@ unreachable has a placeholder id ``local-<hex>`` until the replay creates it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -39,7 +40,11 @@ class Spool:
         return self.dir / f"{key}{suffix}"
 
     def append(self, key: str, record: dict[str, Any]) -> None:
-        """Append one record to ``<key>.jsonl`` (under an exclusive flock)."""
+        """Append one record to ``<key>.jsonl`` (under an exclusive flock); a failed write leaves no torn line.
+
+        Raises:
+            OSError: the record could not be written (e.g. no space left on the spool's disk).
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         path = self._path(key, ".jsonl")
@@ -49,7 +54,13 @@ class Spool:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 # A replayer may have compacted (unlinked) the file between open and lock.
                 if path.exists() and os.fstat(fd).st_ino == os.stat(path).st_ino:
-                    os.write(fd, line)
+                    size = os.fstat(fd).st_size
+                    try:
+                        if os.write(fd, line) != len(line):
+                            raise OSError(errno.ENOSPC, "short write", str(path))
+                    except OSError:
+                        os.ftruncate(fd, size)  # the partial line would corrupt the next record
+                        raise
                     return
             finally:
                 os.close(fd)
@@ -106,18 +117,27 @@ class Spool:
         return [key for _, key in sorted(found) if not key.endswith(".rejected")]
 
     def store_file(self, key: str, src: str | Path) -> str:
-        """Keep a copy of ``src`` for a later upload; returns its path relative to the spool folder."""
+        """Keep a copy of ``src`` for a later upload; returns its path relative to the spool folder.
+
+        Raises:
+            OSError: no link and no copy could be made (a partial copy is removed).
+        """
         folder = self._path(key, ".files")
         folder.mkdir(parents=True, exist_ok=True)
         dst = folder / f"{uuid.uuid4().hex[:12]}-{Path(src).name}"
         try:
             os.link(src, dst)  # free, and immune to the engine replacing the file later
         except OSError:
-            shutil.copy2(src, dst)
+            try:
+                shutil.copy2(src, dst)
+            except BaseException:
+                dst.unlink(missing_ok=True)
+                raise
         return str(dst.relative_to(self.dir))
 
     def reject(self, key: str, record: dict[str, Any], reason: str) -> None:
-        """Keep a record the server refused, with the reason, out of the replay queue."""
+        """Keep a record the server refused, with the reason, out of the replay queue (the folder is made)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
         with open(self._path(key, ".rejected.jsonl"), "a") as f:
             f.write(json.dumps({"reason": reason, "record": record}) + "\n")
 

@@ -6,7 +6,7 @@ transient failure (connection refused, timeout, HTTP 5xx/429, a locked database)
 to the local spool (:mod:`tracking.runs.spool`) and the writer stays offline for a while (5 s,
 doubling up to 60 s): later writes go straight to the spool without touching the network. After
 that window, pending records are replayed in order before anything new is sent; ``smartify
-tracking sync`` calls :func:`replay_spool`. The replay (:class:`Replayer`) uses the writer's
+tracking sync`` calls :func:`replay_spool`. The replay (:mod:`tracking.runs.replay`) uses the writer's
 public methods only.
 
 Idempotence: metric rows keep their ``(key, value, timestamp, step)``; before a spooled batch is
@@ -17,6 +17,11 @@ tags overwrite. A run that cannot be created (server down at stage start) gets a
 ``local-<hex>``; the real run is created at replay and the spool's ``runs.json`` maps one to the other.
 MLflow itself deduplicates dataset inputs; an image is not replayed when its series has that step. Every
 run created here has MLflow's user and source tags (:func:`tracking.runs.environment.source_tags`).
+
+No write raises. A record the store refuses for good (HTTP 4xx, an artifact store that is full) is listed,
+with the reason, in ``<run>.rejected.jsonl`` and counted as lost; a record that cannot even be spooled
+(the spool's disk is full) is counted as lost too. Each kind of failure is logged once
+(:class:`tracking.runs.failures.FailureLog`); the end of a stage prints one line with the lost counts.
 """
 
 from __future__ import annotations
@@ -24,49 +29,20 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from tracking.runs.environment import source_tags
+from tracking.runs.failures import FailureLog, first_line, is_store_full
+from tracking.runs.replay import Replayer, ReplayStats
 from tracking.runs.spool import PLACEHOLDER_PREFIX, Spool, is_placeholder
 from tracking.runs.stores import Stores, get_or_create_experiment, make_client, redact_uri
-from tracking.runs.transport import MAX_TAG_VALUE, MetricRow, image_logged, is_refused, is_transient, send_record
+from tracking.runs.transport import MetricRow, is_refused, is_transient, send_record
 
 log = logging.getLogger(__name__)
 
 #: tags whose value is a run id (a placeholder there is replaced by the real id)
 RUN_ID_TAGS = ("mlflow.parentRunId", "smartify.init_from_run_id", "smartify.resumed_from_run_id")
-CHANGED_PARAMS_TAG = "resume.changed_params"
-
-
-class _Blocked(Exception):
-    """A record refers to a placeholder run that does not exist on the server yet."""
-
-
-@dataclass
-class ReplayStats:
-    """What a replay did.
-
-    Attributes:
-        runs: spool keys looked at.
-        sent: records applied on the server.
-        created: placeholder runs created.
-        skipped_metrics: metric values already on the server (not sent again).
-        superseded: spooled artifacts replaced by a later version of the same artifact.
-        rejected: records the server refused (kept in ``<key>.rejected.jsonl``).
-        pending: records still waiting (server unreachable, or another process replaying).
-        elsewhere: spool keys that belong to another tracking URI (left alone).
-    """
-
-    runs: int = 0
-    sent: int = 0
-    created: int = 0
-    skipped_metrics: int = 0
-    superseded: int = 0
-    rejected: int = 0
-    pending: int = 0
-    elsewhere: int = 0
 
 
 def _now_ms() -> int:
@@ -106,6 +82,7 @@ class TrackingWriter:
         self._offline_until = 0.0
         self._known: dict[str, str] = {}
         self._spooled_artifacts: dict[tuple[str, str], Path] = {}
+        self.failures = FailureLog()
 
     @property
     def client(self) -> Any:
@@ -141,10 +118,8 @@ class TrackingWriter:
         Args:
             exc: the error of the failed call (its first line is logged).
         """
-        log.warning(
-            "tracking server %s unreachable (%s); spooling to %s, next attempt in %.0f s",
-            self._uri, str(exc).splitlines()[0][:200], self.spool.dir, self._backoff,
-        )
+        self.failures.warn("unreachable", "tracking server %s unreachable (%s); spooling to %s, next attempt in %.0f s",
+                           self._uri, first_line(exc), self.spool.dir, self._backoff)
         self._offline_until = time.monotonic() + self._backoff
         self._backoff = min(self._backoff * 2, self._max_retry_after)
 
@@ -192,10 +167,12 @@ class TrackingWriter:
                 resolved = self.resolve_tags(record)
                 if resolved is not None and self.online:
                     return self.create_from_record(resolved)
-            except Exception as exc:
-                if not is_transient(exc):
-                    raise
-                self.note_failure(exc)
+            except Exception as exc:  # never out of the writer: the record is spooled, a replay retries it
+                if is_transient(exc):
+                    self.note_failure(exc)
+                else:
+                    self.failures.warn("create_run", "tracking: run %s not created in %s (%s); spooled",
+                                       run_name, self._uri, first_line(exc), exc_info=not is_refused(exc))
         placeholder = PLACEHOLDER_PREFIX + uuid.uuid4().hex
         self._spool(placeholder, record)
         log.warning("run for %s not created yet (%s); local id %s", run_name,
@@ -245,14 +222,16 @@ class TrackingWriter:
         return self._write(run_id, {"op": "reopen"})
 
     def flush(self, force: bool = False) -> ReplayStats:
-        """Replay pending records of this tracking URI (skipped while offline unless ``force``)."""
-        if self.offline:
-            return ReplayStats(pending=self.pending_records())
-        if not self.online:
-            if not force:
+        """Replay pending records of this tracking URI (skipped while offline unless ``force``); never raises."""
+        try:
+            if self.offline or (not self.online and not force):
                 return ReplayStats(pending=self.pending_records())
             self._offline_until = 0.0
-        return Replayer(self).run()
+            return Replayer(self).run()
+        except Exception as exc:  # a replay that fails leaves the records in the spool for `tracking sync`
+            self.failures.warn("replay", "tracking: replaying the spool %s failed (%s); the records stay there",
+                               self.spool.dir, first_line(exc), exc_info=not is_refused(exc))
+            return ReplayStats()
 
     def pending_records(self, run_id: str | None = None) -> int:
         """Records waiting in the spool (for one run, or all)."""
@@ -307,8 +286,19 @@ class TrackingWriter:
     # ---- internals ----------------------------------------------------------------------------
 
     def _write(self, key: str, record: dict[str, Any], file: Path | None = None) -> bool:
+        """Send or spool one record; never raises (see the module docstring)."""
+        try:
+            return self._send(key, record, file)
+        except Exception as exc:  # a bug here or in a client: the record is spooled for `tracking sync`
+            self.failures.warn("error", "tracking: %s for %s failed unexpectedly (%s); spooled",
+                               record["op"], key, first_line(exc), exc_info=True)
+            self._spool(key, record, file)
+            return False
+
+    def _send(self, key: str, record: dict[str, Any], file: Path | None) -> bool:
         if file is not None and not file.is_file():
-            log.error("artifact %s does not exist; not logged", file)
+            self.failures.warn("missing file", "tracking: artifact %s does not exist; not logged", file)
+            self.failures.lost(record["op"], f"{file} does not exist")
             return False
         blocked = self.spool.has_pending(key) or self.resolve(key) is None
         if blocked or not self.online:
@@ -323,17 +313,27 @@ class TrackingWriter:
                 return False
             send_record(self.client, self.resolve(key), resolved, file)
         except Exception as exc:
-            if is_refused(exc):
-                log.error("tracking record refused by %s (%s): %s", self._uri, record["op"], exc)
-                self.spool.reject(key, record, str(exc))
+            if is_transient(exc):
+                self.note_failure(exc)
+                self._spool(key, record, file)
                 return False
-            if not is_transient(exc):
+            if not is_refused(exc):
                 raise
-            self.note_failure(exc)
-            self._spool(key, record, file)
+            self._reject(key, record, exc)
             return False
         self.note_success()
         return True
+
+    def _reject(self, key: str, record: dict[str, Any], exc: BaseException) -> None:
+        """A record the store refused (or an artifact a full store cannot take): listed aside, counted lost."""
+        self.failures.warn("store full" if is_store_full(exc) else f"refused {record['op']}",
+                           "tracking: %s not stored by %s (%s); training goes on, the record is listed in %s",
+                           record["op"], self._uri, first_line(exc), self.spool.dir / f"{key}.rejected.jsonl")
+        self.failures.lost(record["op"], exc)
+        try:
+            self.spool.reject(key, {**record, "run": key, "uri": self._uri, "t": _now_ms()}, str(exc))
+        except OSError as spool_exc:
+            self.failures.warn("spool", "tracking: could not write the spool %s (%s)", self.spool.dir, spool_exc)
 
     def _spool(self, key: str, record: dict[str, Any], file: Path | None = None) -> None:
         record = {**record, "run": key, "uri": self._uri, "t": _now_ms()}
@@ -347,153 +347,6 @@ class TrackingWriter:
                 self._spooled_artifacts[dest] = self.spool.dir / record["file"]
             self.spool.append(key, record)
         except OSError as exc:
-            log.error("could not spool tracking record %s for %s: %s (record lost)", record["op"], key, exc)
-
-
-class Replayer:
-    """Replays spooled records in order (one pass over every key of the writer's tracking URI).
-
-    It works through the writer's public methods only (:meth:`TrackingWriter.resolve_tags`,
-    :meth:`~TrackingWriter.create_from_record`, :meth:`~TrackingWriter.map_placeholder`,
-    :meth:`~TrackingWriter.note_failure`...).
-
-    Args:
-        writer: the writer whose spool and client are used.
-    """
-
-    def __init__(self, writer: TrackingWriter) -> None:
-        self.w = writer
-        self.stats = ReplayStats()
-        self._active: set[str] = set()
-        self._steps: dict[tuple[str, str], set[int]] = {}
-        self._run_data: dict[str, Any] = {}
-
-    def run(self) -> ReplayStats:
-        """One pass over every spool key; returns what it did."""
-        for key in self.w.spool.keys():
-            self._replay_key(key)
-        return self.stats
-
-    def _replay_key(self, key: str) -> None:
-        if key in self._active:
-            return
-        self._active.add(key)
-        spool = self.w.spool
-        with spool.replay_lock(key) as locked:
-            records = spool.pending(key)
-            if not records:
-                if locked:
-                    spool.compact(key)
-                return
-            self.stats.runs += 1
-            if not locked:
-                self.stats.pending += len(records)
-                return
-            if any(r.get("uri", self.w.uri) != self.w.uri for _, r in records):
-                self.stats.elsewhere += 1
-                return
-            latest = {}
-            for i, (_, rec) in enumerate(records):
-                if rec["op"] in ("log_artifact", "log_image"):
-                    latest[(rec["artifact_path"], rec["name"])] = i
-            for i, (end, rec) in enumerate(records):
-                if not self.w.online:
-                    self.stats.pending += len(records) - i
-                    return
-                try:
-                    self._apply(key, rec, superseded=rec["op"] in ("log_artifact", "log_image")
-                                and latest[(rec["artifact_path"], rec["name"])] != i)
-                except _Blocked:
-                    self.stats.pending += len(records) - i
-                    return
-                except Exception as exc:
-                    if is_transient(exc):
-                        self.w.note_failure(exc)
-                        self.stats.pending += len(records) - i
-                        return
-                    if not is_refused(exc):
-                        raise
-                    log.error("spooled %s for %s refused: %s", rec["op"], key, exc)
-                    spool.reject(key, rec, str(exc))
-                    self.stats.rejected += 1
-                spool.mark_done(key, end)
-            spool.compact(key)
-
-    def _real_id(self, run_id: str) -> str:
-        real = self.w.resolve(run_id)
-        if real is None:
-            self._replay_key(run_id)  # its create_run record is in its own spool file
-            real = self.w.resolve(run_id)
-        if real is None:
-            raise _Blocked(run_id)
-        return real
-
-    def _apply(self, key: str, rec: dict[str, Any], superseded: bool) -> None:
-        op = rec["op"]
-        if op == "create_run":
-            if self.w.resolve(key) is not None:
-                return  # created by an earlier replay that stopped before marking it done
-            real = self.w.create_from_record(self.w.resolve_tags(rec, self._real_id))
-            self.w.map_placeholder(key, real)
-            self.stats.created, self.stats.sent = self.stats.created + 1, self.stats.sent + 1
-            log.info("created run %s for local id %s", real, key)
-            return
-        run_id = self._real_id(key)
-        file = None
-        if op == "log_batch":
-            metrics = [row for row in rec["metrics"] if int(row[3]) not in self._existing_steps(run_id, row[0])]
-            self.stats.skipped_metrics += len(rec["metrics"]) - len(metrics)
-            rec = {**self.w.resolve_tags(rec, self._real_id), "metrics": metrics,
-                   "params": self._new_params(run_id, rec["params"])}
-        elif op in ("log_artifact", "log_image"):
-            if superseded or (op == "log_image" and image_logged(self.w.client, run_id, rec["key"], rec["step"])):
-                self.stats.superseded += 1
-                return
-            file = self.w.spool.dir / rec["file"]
-            if not file.is_file():
-                raise ValueError(f"spooled file {file} is missing")
-        send_record(self.w.client, run_id, rec, file)
-        for row in rec.get("metrics", ()):
-            self._steps[(run_id, row[0])].add(int(row[3]))
-        self.stats.sent += 1
-        self.w.note_success()
-
-    def _existing_steps(self, run_id: str, key: str) -> set[int]:
-        if (run_id, key) not in self._steps:
-            history = self.w.client.get_metric_history(run_id, key)
-            self._steps[(run_id, key)] = {int(m.step) for m in history}
-        return self._steps[(run_id, key)]
-
-    def _new_params(self, run_id: str, params: dict[str, str]) -> dict[str, str]:
-        """Params the run does not have yet; changed values are reported in a tag, not sent."""
-        if not params:
-            return {}
-        if run_id not in self._run_data:
-            data = self.w.client.get_run(run_id).data
-            self._run_data[run_id] = (dict(data.params), dict(data.tags))
-        have, tags = self._run_data[run_id]
-        new = {k: str(v) for k, v in params.items() if k not in have}
-        changed = sorted(k for k, v in params.items() if k in have and have[k] != str(v))
-        if changed:
-            log.warning("run %s: params changed since first logged, kept the first values: %s", run_id, changed)
-            before = [k for k in tags.get(CHANGED_PARAMS_TAG, "").split(",") if k]
-            value = ",".join(sorted(set(before) | set(changed)))[:MAX_TAG_VALUE]
-            self.w.client.set_tag(run_id, CHANGED_PARAMS_TAG, value)
-            tags[CHANGED_PARAMS_TAG] = value
-        have.update(new)
-        return new
-
-
-def replay_spool(stores: Stores, spool_dir: str | Path | None = None, client: Any = None) -> ReplayStats:
-    """Replay every pending spooled record for ``stores``' tracking URI (``smartify tracking sync``).
-
-    Args:
-        stores: the tracking stores to replay to.
-        spool_dir: spool folder (default ``stores.spool_dir``).
-        client: an ``MlflowClient`` (made if None).
-
-    Returns:
-        The replay's counts.
-    """
-    writer = TrackingWriter(stores, spool_dir=spool_dir, client=client)
-    return writer.flush(force=True)
+            self.failures.warn("spool", "tracking: could not write the spool %s (%s); records are lost",
+                               self.spool.dir, first_line(exc))
+            self.failures.lost(record["op"], exc)

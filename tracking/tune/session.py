@@ -11,12 +11,17 @@ With ``seed_per_trial`` each trial's stage and model seeds derive from (study se
 seeds them once per trial at its start, as the ``train`` entry point does.
 
 The stage itself runs through the one tracked-stage function, :func:`tracking.train.run_tracked_stage`.
+
+Ctrl-C or SIGTERM (``tracking.cli.Terminated``) during a trial: Optuna marks the trial FAIL (a later
+worker retries it), the trial's MLflow run ends KILLED, and :meth:`TuneSession.abandon_study_run` ends
+the study's run KILLED in the process that owns it; the exception then goes on to the CLI (exit 143).
 """
 
 from __future__ import annotations
 
 import math
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -97,6 +102,7 @@ class TuneSession:
     tracker: StudyTracker | None = None
     extra_callbacks: list[Callback] = field(default_factory=list)
     start_epoch: int = 0
+    current_trial: int | None = field(default=None, init=False)
 
     def trial_dir(self, number: int) -> Path:
         """The output folder of trial ``number``."""
@@ -133,6 +139,7 @@ class TuneSession:
 
     def train(self, trial: optuna.trial.Trial) -> float:
         """Train the trial's stage; returns the best epoch's metric."""
+        self.current_trial = trial.number
         cfg, resolved, _ = self.trial_stage(trial)
         trial.set_user_attr("seed", cfg.seed)
         reporter = _Reporter(trial, self.cfg.metric, cfg.train.start_epoch, self.cfg.direction == "maximize")
@@ -161,6 +168,35 @@ class TuneSession:
         callbacks = [self.tracker.on_trial_done] if self.tracker is not None else []
         # gc_after_trial is not needed: the guard collects (and empties the CUDA cache) after every trial that
         # trained, once the trial's exception and frames are gone
-        study.optimize(self.objective(), n_trials=n_trials, timeout=timeout, catch=CATCH, callbacks=callbacks,
-                       gc_after_trial=False)
+        try:
+            study.optimize(self.objective(), n_trials=n_trials, timeout=timeout, catch=CATCH, callbacks=callbacks,
+                           gc_after_trial=False)
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: Optuna has marked the trial in progress FAIL
+            self._abandon_trial(study, exc)
+            raise
         release_memory()
+
+    def _abandon_trial(self, study: optuna.Study, exc: KeyboardInterrupt) -> None:
+        """End the MLflow run of the trial that was stopped (KILLED) and say what became of it."""
+        number, self.current_trial = self.current_trial, None
+        exc.output_dir = None  # the trial's folder is no --resume point: the study retries the trial
+        exc.detail = f"study {self.study_name}: run the same command to go on"
+        if number is None:
+            return
+        exc.detail = f"trial {number} marked FAIL (retried by the next worker); " + exc.detail
+        if self.tracker is None:
+            return
+        stopped = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+        if stopped and stopped[0].state.is_finished():
+            self.tracker.on_trial_done(study, stopped[0])  # the stage's run ends KILLED (a KeyboardInterrupt)
+
+    def abandon_study_run(self) -> None:
+        """End the study's MLflow run KILLED (the process that created it calls this on Ctrl-C or SIGTERM)."""
+        tracker = self.tracker
+        if tracker is None or tracker.run_id is None:
+            return
+        exc = sys.exc_info()[1]
+        tracker.writer.log_batch(tracker.run_id, tags={
+            "smartify.stopped_by": str(getattr(exc, "signal_name", "SIGINT"))})
+        tracker.writer.set_terminated(tracker.run_id, "KILLED")
+        tracker.writer.flush()

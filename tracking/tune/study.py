@@ -443,6 +443,11 @@ def run_tune(options: TuneOptions) -> TuneResult | None:
     """
     prepared = prepare(options, create_run=options.finalize)
     n = prepared.session.cfg.n_trials  # the effective count (--trials, else the file's)
-    if n > 0 or options.timeout:
-        prepared.session.optimize(prepared.study, n_trials=n or None, timeout=options.timeout)
+    try:
+        if n > 0 or options.timeout:
+            prepared.session.optimize(prepared.study, n_trials=n or None, timeout=options.timeout)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the study's run ends KILLED where it was opened
+        if options.finalize:
+            prepared.session.abandon_study_run()
+        raise
     return finish(prepared, options.overlay_dir) if options.finalize else None

@@ -100,7 +100,8 @@ class StudyTracker:
         Returns:
             The study run's id (None when there is none and ``create`` is False).
         """
-        from tracking.runs.callback import param_value, start_parent_run
+        from tracking.runs.params import param_value
+        from tracking.runs.parent import start_parent_run
 
         self._study = study.study_name
         run_id = study.user_attrs.get(RUN_ID_ATTR)
@@ -149,7 +150,7 @@ class StudyTracker:
 
     def on_trial_done(self, study: optuna.Study, trial: FrozenTrial) -> None:
         """Optuna callback: state, prune reason and value on the trial's run, then end it."""
-        from tracking.runs.callback import param_value
+        from tracking.runs.params import param_value
 
         run = self._runs.pop(trial.number, None)
         attrs = trial.user_attrs

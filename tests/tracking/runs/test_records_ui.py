@@ -18,7 +18,9 @@ from recon.config import flatten, to_dict
 from recon.data.layout import data_fingerprint, discover_split
 from recon.events import EpochEnd, Panel, StageEnd, StageStart
 from tracking.commands.ui import runs_url
-from tracking.runs.callback import MLflowCallback, param_value, parent_run
+from tracking.runs.callback import MLflowCallback
+from tracking.runs.params import param_value
+from tracking.runs.parent import parent_run
 from tracking.runs.environment import source_name
 from tracking.runs.stores import (
     EXPERIMENT_KIND_TAG,
@@ -28,7 +30,8 @@ from tracking.runs.stores import (
     make_client,
     sqlite_uri,
 )
-from tracking.runs.writer import TrackingWriter, replay_spool
+from tracking.runs.replay import replay_spool
+from tracking.runs.writer import TrackingWriter
 
 TINY = Path(__file__).resolve().parents[3] / "experiments" / "tiny"
 CONFIG = {

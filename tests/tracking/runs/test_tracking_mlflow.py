@@ -15,7 +15,9 @@ import torch
 from mlflow.entities import Metric, Param
 
 from recon.events import CheckpointSaved, Divergence, EpochEnd, Panel, StageEnd, StageStart
-from tracking.runs.callback import MLflowCallback, mlflow_key, param_value, parent_run
+from tracking.runs.callback import MLflowCallback
+from tracking.runs.params import mlflow_key, param_value
+from tracking.runs.parent import parent_run
 from tracking.runs.spool import is_placeholder, spool_summary
 from tracking.runs.stores import (
     Stores,
@@ -26,7 +28,8 @@ from tracking.runs.stores import (
     resolve_stores,
     sqlite_uri,
 )
-from tracking.runs.writer import TrackingWriter, replay_spool
+from tracking.runs.replay import replay_spool
+from tracking.runs.writer import TrackingWriter
 
 CONFIG = {
     "stage": {"name": "hacker_baseline", "kind": "baseline"},

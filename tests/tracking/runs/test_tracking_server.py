@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from tests.tracking.runs.test_tracking_mlflow import artifact_paths, epoch_end, run_epochs, stage_end, stage_start, steps
-from tracking.runs.callback import MLflowCallback, start_parent_run
+from tracking.runs.callback import MLflowCallback
+from tracking.runs.parent import start_parent_run
 from tracking.runs.spool import is_placeholder, spool_summary
 from tracking.runs.stores import Stores, make_client, sqlite_uri
-from tracking.runs.writer import TrackingWriter, replay_spool
+from tracking.runs.replay import replay_spool
+from tracking.runs.writer import TrackingWriter
 
 pytestmark = pytest.mark.integration
 
