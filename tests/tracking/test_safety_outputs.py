@@ -211,7 +211,8 @@ def test_a_pipeline_rerun_writes_a_new_numbered_workdir(tiny_data: Path, tmp_pat
 
 
 def test_workdir_choice_and_shared_synthetic_data(tmp_path: Path) -> None:
-    from tracking.pipeline import PipelineRunner, choose_workdir, load_pipeline
+    from tracking.pipeline.config import choose_workdir, load_pipeline
+    from tracking.pipeline.runner import PipelineRunner
     from tracking.runs.stores import resolve_stores
 
     work = tmp_path / "demo"

@@ -8,7 +8,9 @@ from pathlib import Path
 
 from recon.config import parse_overrides
 from tracking.commands.train import add_record_arguments
-from tracking.pipeline import PipelineRunner, format_summary, load_pipeline
+from tracking.pipeline.config import load_pipeline
+from tracking.pipeline.runner import PipelineRunner
+from tracking.pipeline.summary import format_summary
 from tracking.train import config_text
 
 DEMO_FILE = Path(__file__).resolve().parents[2] / "experiments" / "demo.yaml"

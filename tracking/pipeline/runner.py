@@ -1,4 +1,4 @@
-"""Pipelines: a list of stages (train, tune, promote, submit) run as one tracked invocation.
+"""The pipeline runner: a list of stages (train, tune, promote, submit) run as one tracked invocation.
 
 A pipeline file (``experiments/pipeline.yaml``, ``experiments/demo.yaml``) is data::
 
@@ -43,14 +43,14 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recon.config import dump_yaml, from_dict, load_yaml_layers, to_dict
+from recon.config import dump_yaml, to_dict
 from recon.engine.stage import StageConfig
 from recon.errors import InputError
-from recon.io import safe_component
+from tracking.pipeline.config import DATA_FOLDER, PipelineConfig, Step, choose_workdir
+from tracking.pipeline.summary import PipelineResult, StepResult, format_steps_markdown, format_summary, score_metrics
 from tracking.runs.params import param_value
 from tracking.runs.parent import parent_run
 from tracking.runs.stores import Stores, resolve_stores
@@ -59,148 +59,6 @@ from tracking.train import StageTracking, effective_stage, load_stage, provenanc
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class SynthSpec:
-    """Write a synthetic data set into ``<workdir>/data`` before the steps."""
-
-    preset: str = "tiny"
-    seed: int = 0
-    grappa: str = "numpy"
-
-
-@dataclass(frozen=True)
-class Step:
-    """One step: exactly one of ``train``, ``tune``, ``promote``, ``submit``.
-
-    Attributes:
-        name: step name (also the output folder and the MLflow run name).
-        train: stage YAML to train.
-        set: extra ``dotted.key=value`` overrides for the stage (or the tune base stage).
-        init_from: an earlier step's name (its checkpoints) or a path.
-        register: register the stage's best model in the Model Registry.
-        tune: tune YAML to run (``trials`` trials).
-        trials: trials of a tune step.
-        promote: an earlier step that registered a version; moves ``alias`` if it is at least as good.
-        alias: the alias promoted.
-        submit: reconstruct the leaderboard with the ``champion`` models and evaluate.
-    """
-
-    name: str
-    train: str | None = None
-    set: tuple[str, ...] = ()
-    init_from: str | None = None
-    register: bool = False
-    tune: str | None = None
-    trials: int = 2
-    promote: str | None = None
-    alias: str = "champion"
-    submit: bool = False
-
-    def validate(self) -> None:
-        safe_component(self.name, "step name")  # <workdir>/<step name> and the tune study's name
-        actions = [a for a in ("train", "tune", "promote") if getattr(self, a)] + (["submit"] if self.submit else [])
-        if len(actions) != 1:
-            raise InputError(f"step {self.name!r}: expected exactly one of train, tune, promote, submit; got {actions}")
-
-
-@dataclass(frozen=True)
-class PipelineConfig:
-    """A pipeline file (see the module docstring)."""
-
-    name: str
-    steps: tuple[Step, ...]
-    experiment: str = "smartify"
-    workdir: str = "runs/pipeline"
-    data_root: str | None = None
-    synth: SynthSpec | None = None
-
-    def validate(self) -> None:
-        safe_component(self.name, "pipeline name")  # part of each tune step's study name (a file name)
-        names = [s.name for s in self.steps]
-        if len(set(names)) != len(names):
-            raise InputError(f"pipeline {self.name!r}: step names must be unique, got {names}")
-        if self.synth is None and self.data_root is None:
-            raise InputError(f"pipeline {self.name!r}: set data_root or synth")
-
-
-@dataclass
-class StepResult:
-    """What a step did, for the summary table."""
-
-    name: str
-    action: str
-    status: str
-    seconds: float
-    score: float | None = None
-    detail: str = ""
-    run_id: str | None = None
-    version: str | None = None
-
-
-@dataclass
-class PipelineResult:
-    """The whole invocation."""
-
-    name: str
-    parent_run_id: str
-    steps: list[StepResult] = field(default_factory=list)
-    submission: dict[str, Any] | None = None
-    seconds: float = 0.0
-
-
-def load_pipeline(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[PipelineConfig, Path]:
-    """Load and validate a pipeline file; ``overrides`` replace top-level keys (e.g. ``workdir``).
-
-    Args:
-        path: the pipeline YAML.
-        overrides: top-level keys replaced (``--set workdir=...``).
-
-    Returns:
-        The configuration and the folder its stage and tune paths are relative to.
-
-    Raises:
-        InputError: a bad file or value (one line naming the file).
-    """
-    path = Path(path)
-    raw = load_yaml_layers(path)
-    raw.pop("inherit", None)
-    raw.update(overrides or {})
-    try:
-        cfg = from_dict(PipelineConfig, raw)
-    except InputError as exc:
-        raise InputError(f"{path}: {exc}") from exc
-    return cfg, path.parent
-
-
-#: The folder of a workdir that holds the synthesised data set (not a result).
-DATA_FOLDER = "data"
-
-
-def holds_results(folder: Path) -> bool:
-    """Whether a workdir holds an earlier invocation's results (any entry besides ``data/``)."""
-    return folder.is_dir() and any(entry.name != DATA_FOLDER for entry in folder.iterdir())
-
-
-def choose_workdir(workdir: str | Path, overwrite: bool = False) -> Path:
-    """The folder an invocation writes into (see the module docstring).
-
-    Args:
-        workdir: the pipeline's ``workdir``.
-        overwrite: use ``workdir`` even when it holds results.
-
-    Returns:
-        ``workdir`` when it holds no results or ``overwrite`` is set, else the first ``<workdir>-N``
-        (N = 2, 3, ...) that holds none.
-    """
-    workdir = Path(workdir)
-    if overwrite or not holds_results(workdir):
-        return workdir
-    base = workdir if workdir.name else workdir.resolve()
-    number = 2
-    while holds_results(base.with_name(f"{base.name}-{number}")):
-        number += 1
-    return base.with_name(f"{base.name}-{number}")
 
 
 class PipelineRunner:
@@ -468,75 +326,3 @@ class PipelineRunner:
                 path = Path(tmp) / name
                 path.write_text(text + "\n", encoding="utf-8")
                 writer.log_artifact(run_id, path)
-
-
-def score_metrics(submission: dict[str, Any]) -> dict[str, float]:
-    """The parent run's final scores: ``submission/<name>`` and ``baseline/<method>/<name>``.
-
-    ``<name>`` is ``ssim/acc4``, ``ssim/acc8`` or ``leaderboard`` (the mean of the two).
-
-    Args:
-        submission: the submit step's summary (its ``evaluation`` and ``baselines``).
-
-    Returns:
-        Metric name -> value (empty without an evaluation).
-    """
-    names = {"acc4": "ssim/acc4", "acc8": "ssim/acc8", "leaderboard": "leaderboard"}
-    out: dict[str, float] = {}
-    sources = [("submission", submission.get("evaluation") or {})]
-    sources += [(f"baseline/{method}", scores or {}) for method, scores in (submission.get("baselines") or {}).items()]
-    for prefix, scores in sources:
-        for key, name in names.items():
-            value = scores.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                out[f"{prefix}/{name}"] = float(value)
-    return out
-
-
-def format_steps_markdown(result: PipelineResult) -> str:
-    """The step table as Markdown (the parent run's ``steps.md`` and description)."""
-    lines = [f"pipeline **{result.name}**, {result.seconds:.0f} s", "",
-             "| step | action | status | score | seconds | run | detail |", "|---|---|---|---|---|---|---|"]
-    for s in result.steps:
-        score = f"{s.score:.4f}" if isinstance(s.score, float) else "-"
-        detail = (s.version or s.detail or "").replace("|", "/").replace("\n", " ")
-        lines.append(f"| {s.name} | {s.action} | {s.status} | {score} | {s.seconds:.1f} | {s.run_id or '-'} | "
-                     f"{detail} |")
-    return "\n".join(lines)
-
-
-def format_summary(result: PipelineResult) -> str:
-    """A plain-text table of the steps, the submission scores and how to open the UI."""
-    lines = [f"pipeline {result.name}: parent run {result.parent_run_id}, {result.seconds:.0f} s", ""]
-    header = f"{'step':<20} {'action':<8} {'status':<10} {'score':>8} {'seconds':>8}  detail"
-    lines += [header, "-" * len(header)]
-    for s in result.steps:
-        score = f"{s.score:.4f}" if isinstance(s.score, float) else "-"
-        detail = s.version or s.detail or (f"run {s.run_id}" if s.run_id else "")
-        lines.append(f"{s.name:<20} {s.action:<8} {s.status:<10} {score:>8} {s.seconds:>8.1f}  {detail}")
-    sub = result.submission or {}
-    evaluation = sub.get("evaluation") or {}
-    if evaluation:
-        lines += ["", "submission (leaderboard SSIM on synthetic data):"]
-        lines.append(f"  model        acc4 {evaluation.get('acc4', float('nan')):.4f}  "
-                     f"acc8 {evaluation.get('acc8', float('nan')):.4f}  "
-                     f"leaderboard {evaluation.get('leaderboard', float('nan')):.4f}")
-        for key, label in (("zero_filled", "zero-filled"), ("grappa", "GRAPPA")):
-            base = (sub.get("baselines") or {}).get(key)
-            if base:
-                lines.append(f"  {label:<12} acc4 {base['acc4']:.4f}  acc8 {base['acc8']:.4f}  "
-                             f"leaderboard {base['leaderboard']:.4f}")
-    recon = sub.get("reconstruction") or {}
-    if recon:
-        routing = recon.get("routing") or {}
-        lines.append(f"  routing: hacker ratio {routing.get('hacker_ratio')}, slices per expert "
-                     f"{routing.get('slices_per_expert')}")
-        lines.append(f"  reconstruction: {recon['total_s']:.1f} s, {recon['seconds_per_slice']:.3f} s/slice; "
-                     f"{recon['verdict']}")
-    for role, version in (sub.get("versions") or {}).items():
-        if version:
-            lines.append(f"  {role}: {version.get('name')} version {version.get('version')}")
-    from tracking.commands.ui import ui_hint  # the runs table of the parent run's experiment
-
-    lines += ["", ui_hint(result.parent_run_id)]
-    return "\n".join(lines)
