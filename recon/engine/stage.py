@@ -27,7 +27,7 @@ from recon.errors import InputError
 from recon.losses import LossConfig
 from recon.models.config import PRESETS, PromptMRConfig
 from recon.schedules import LRScheduleConfig, RampScheduleConfig
-from recon.sections import DEFAULT_SOURCE, Section
+from recon.sections import DEFAULT_SOURCE, FieldError, Section
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,11 @@ class StageConfig(Section):
         """Check the sections against each other (see :meth:`recon.sections.Section.validate`)."""
         self.require(self.stage.kind == "classifier" or self.data.num_adj_slices == self.model.num_adj_slices,
                      "data.num_adj_slices", f"must equal model.num_adj_slices ({self.model.num_adj_slices})")
+        for anatomy in ("brain", "knee"):
+            try:
+                self.mraugment.schedule_for(anatomy, self.p_aug)
+            except FieldError as exc:
+                raise FieldError(f"mraugment.{exc.field}", exc.message, exc.value) from None
         if self.stage.kind == "moe":
             unknown = [e for e in self.moe.experts if e not in EXPERTS]
             self.require(not unknown, "moe.experts",
