@@ -152,6 +152,8 @@ class ClassifierTrainConfig(Section):
         image_key: the image dataset classified.
         batch_size: slices per step.
         weight_penalty: coefficient of the squared-L2 parameter penalty (the README's "Lasso").
+        loss: ``bce`` (the team's BCE-with-logits on one-hot targets) or ``ce`` (cross-entropy).
+        select: best checkpoint by the lowest ``val_loss`` (the team) or the highest ``val_accuracy``.
     """
 
     train_split: str = "val"
@@ -159,6 +161,8 @@ class ClassifierTrainConfig(Section):
     image_key: str = "image_grappa"
     batch_size: int = 16
     weight_penalty: float = 1e-6
+    loss: Literal["bce", "ce"] = "bce"
+    select: Literal["val_loss", "val_accuracy"] = "val_loss"
 
 
 @dataclass(frozen=True)
