@@ -37,7 +37,7 @@ import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, ClassVar, Literal, TypeVar, Union
 
 from recon.errors import InputError
 
@@ -71,7 +71,11 @@ class Section:
 
     Construction converts and checks every field against its annotation (lists become tuples,
     ints become floats where a float is declared), then runs :meth:`validate`.
+    ``RENAMED`` maps a retired key of the section to ``(new key, note)``, which :func:`from_dict`
+    names when the old key is given.
     """
+
+    RENAMED: ClassVar[dict[str, tuple[str, str]]] = {}
 
     def __post_init__(self) -> None:
         hints = _hints(type(self))
@@ -317,6 +321,9 @@ def from_dict(cls: type[T], data: Any, path: str = "", *, sources: Mapping[str, 
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
             hint = f" (did you mean '{_join(path, close[0])}'?)" if close else ""
+            renamed = getattr(cls, "RENAMED", {}).get(key)
+            if renamed:
+                hint = f" (renamed: use '{_join(path, renamed[0])}'; {renamed[1]})"
             raise _fail(dotted, f"unknown key '{dotted}'{hint}", sources, keyed=False)
         default = _default_of(fields[key])
         if isinstance(value, Mapping) and dataclasses.is_dataclass(default) and not isinstance(default, type):

@@ -11,7 +11,12 @@ For one training sample the augmenter
 4. returns the new k-space ``fft2c(images)``. The engine applies the mask afterwards.
 
 Each transform fires independently with probability ``min(1, weight * p)``; ``p`` comes from the
-engine's schedule (the team: exponential ramp in absolute epochs, start 33, plateau 50, p_max 0.5).
+engine's schedule (the team: exponential ramp in absolute epochs, start 33, plateau 50, p_max 0.5),
+the stage's ``p_aug`` with the changes of the slice's anatomy (``mraugment.brain.schedule`` /
+``mraugment.knee.schedule``: ``start``, ``plateau``, ``p_max``; unset = the stage's value). The team
+ran one augmenter per anatomy with its own ``aug_delay`` and ``aug_strength``, both 3 and 0.5, so the
+default (no changes) is what it ran. ``magnitude`` multiplies every magnitude limit; it is not the
+team's ``aug_strength``, which is ``p_aug.p_max``.
 
 **Target rule** (``MRAugmentConfig.target``), one rule for augmented and un-augmented samples:
 
@@ -46,15 +51,17 @@ from __future__ import annotations
 
 import logging
 import math
+import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from recon.fft import center_crop, fft2c, ifft2c, rss
-from recon.sections import Section
+from recon.schedules import RampScheduleConfig
+from recon.sections import FieldError, Section
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +71,26 @@ Interpolation = Literal["bilinear", "bicubic"]
 
 # The order in which the fire decisions are drawn (one uniform each, every call).
 TRANSFORMS = ("fliph", "flipv", "rot90", "translation", "rotation", "shearing", "scaling")
+
+
+@dataclass(frozen=True)
+class ScheduleChanges(Section):
+    """One anatomy's changes to the stage's ``p_aug`` schedule; ``None`` keeps the stage's value.
+
+    Attributes:
+        start: absolute epoch from which this anatomy is augmented (the team's ``aug_delay`` plus the
+            stage's first epoch).
+        plateau: epoch from which ``p = p_max``.
+        p_max: the final probability (the team's ``aug_strength``).
+    """
+
+    start: int | None = None
+    plateau: int | None = None
+    p_max: float | None = None
+
+    def changes(self) -> dict[str, int | float]:
+        """The fields that are set, by name."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
 
 @dataclass(frozen=True)
@@ -85,6 +112,7 @@ class AnatomyAugConfig(Section):
         flipv_weight: weight of the vertical (row) flip.
         rot90_weight: weight of the rotation by a multiple of 90 degrees.
         interpolation: ``"bilinear"`` or ``"bicubic"`` for the affine resampling.
+        schedule: this anatomy's changes to the stage's ``p_aug`` (none by default).
     """
 
     translation_weight: float = 0.0
@@ -101,11 +129,12 @@ class AnatomyAugConfig(Section):
     flipv_weight: float = 0.0
     rot90_weight: float = 0.0
     interpolation: Interpolation = "bilinear"
+    schedule: ScheduleChanges = field(default_factory=ScheduleChanges)
 
     def validate(self) -> None:
         """Check the limits (run on construction, see :class:`recon.sections.Section`)."""
         for f in fields(self):
-            if f.name != "interpolation":
+            if f.name not in ("interpolation", "schedule"):
                 self.require(getattr(self, f.name) >= 0, f.name, "must be a number >= 0")
         self.require(self.max_scaling < 1.0, "max_scaling", "must be < 1")
         for name in ("max_shear_x", "max_shear_y"):
@@ -145,8 +174,9 @@ class MRAugmentConfig(Section):
         label_fill: ``"rss"`` or ``"reflect"``: what surrounds the label on its canvas (``"label"`` rule).
         brain: settings for brain slices.
         knee: settings for knee slices.
-        strength: multiplier on every magnitude limit (translation, rotation, shear, scale deviation);
-            1.0 = the table. Probabilities are set by ``p`` alone.
+        magnitude: multiplier on every magnitude limit (translation, rotation, shear, scale deviation);
+            1.0 = the table. Probabilities are set by ``p`` alone (the team's ``aug_strength`` is
+            ``p_aug.p_max``, not this).
         target_size: crop size of the ``"rss"`` target when no target is given.
     """
 
@@ -155,19 +185,52 @@ class MRAugmentConfig(Section):
     label_fill: LabelFill = "rss"
     brain: AnatomyAugConfig = BRAIN
     knee: AnatomyAugConfig = KNEE
-    strength: float = 1.0
+    magnitude: float = 1.0
     target_size: tuple[int, int] = field(default=(384, 384))
+
+    RENAMED: ClassVar[dict[str, tuple[str, str]]] = {
+        "strength": ("magnitude", "a multiplier on the magnitude limits; the team's aug_strength is p_aug.p_max"),
+    }
 
     def validate(self) -> None:
         """Check the values (run on construction, see :class:`recon.sections.Section`)."""
-        self.require(self.strength >= 0, "strength", "must be a number >= 0")
+        self.require(self.magnitude >= 0, "magnitude", "must be a number >= 0")
         scaling = max(self.brain.max_scaling, self.knee.max_scaling)
-        self.require(self.strength * scaling < 1.0, "strength",
-                     f"must keep strength * max_scaling < 1 (max_scaling is {scaling})")
+        self.require(self.magnitude * scaling < 1.0, "magnitude",
+                     f"must keep magnitude * max_scaling < 1 (max_scaling is {scaling})")
         shear = max(self.brain.max_shear_x, self.brain.max_shear_y, self.knee.max_shear_x, self.knee.max_shear_y)
-        self.require(self.strength * shear < 90.0, "strength",
-                     f"must keep strength * max_shear < 90 degrees (max_shear is {shear})")
+        self.require(self.magnitude * shear < 90.0, "magnitude",
+                     f"must keep magnitude * max_shear < 90 degrees (max_shear is {shear})")
         self.require(min(self.target_size) >= 1, "target_size", "must be two positive integers")
+
+    def schedule_for(self, anatomy: str, base: RampScheduleConfig) -> RampScheduleConfig:
+        """The ``p_aug`` schedule of one anatomy: ``base`` with the anatomy's :class:`ScheduleChanges`.
+
+        Args:
+            anatomy: ``"brain"`` or ``"knee"``.
+            base: the stage's ``p_aug``.
+
+        Returns:
+            ``base`` itself when the anatomy changes nothing, else a new schedule.
+
+        Raises:
+            FieldError: the changes make no valid schedule (field ``{anatomy}.schedule.<name>``), or
+                they are set while ``base.kind`` is ``"off"`` (they would have no effect).
+        """
+        changes = self.anatomy(anatomy).schedule.changes()
+        if not changes:
+            return base
+        first = next(iter(changes))
+        if base.kind == "off":
+            raise FieldError(f"{anatomy}.schedule.{first}", "has no effect while p_aug.kind is 'off' (set p_aug.kind)",
+                             changes[first])
+        try:
+            return dataclasses.replace(base, **changes)
+        except FieldError as exc:
+            if exc.field in changes:
+                raise FieldError(f"{anatomy}.schedule.{exc.field}", exc.message, changes[exc.field]) from None
+            raise FieldError(f"{anatomy}.schedule.{first}", f"with p_aug.{exc.field} = {getattr(base, exc.field)}, "
+                             f"{exc.field} {exc.message}", changes[first]) from None
 
     def anatomy(self, name: str) -> AnatomyAugConfig:
         """The settings for ``"brain"`` or ``"knee"``.
@@ -280,7 +343,7 @@ class MRAugmenter:
         """
         a = self.cfg.anatomy(anatomy)
         p = p if self.cfg.enabled else 0.0
-        s = self.cfg.strength
+        s = self.cfg.magnitude
         fire_u = rng.random(len(TRANSFORMS))
         fire = {t: bool(u < min(1.0, a.weight(t) * p)) for t, u in zip(TRANSFORMS, fire_u)}
         # k is drawn for every shape so that the stream does not depend on it; odd k only when square.

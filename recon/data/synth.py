@@ -6,6 +6,11 @@ scaled so that the label maximum is about ``1e-4 .. 6e-4`` (fastMRI's intensity 
 the evaluator's 5e-5 / 2e-5 foreground thresholds meaningful), transformed with the centred
 orthonormal FFT and given complex white noise. Then, as the challenge defines them:
 
+Each volume's width W is the preset's ``brain_width`` / ``knee_width``, or, when the preset lists
+``widths``, one of them drawn per volume (``full``: the challenge's widths, :data:`CHALLENGE_WIDTHS`;
+``small``: the same widths scaled to its 96-pixel crop), so one data set mixes widths, W below and
+above the crop, even and odd W and odd ACS sizes ``round(0.08 W)`` as the challenge's files do.
+
 * k-space file: ``kspace`` complex64 ``(S, C, H, W)`` fully sampled, ``mask`` float32 ``(W,)``,
   the public pattern for the file's acceleration (:func:`recon.masks.public_mask`);
 * image file: ``image_label`` (RSS of the full k-space), ``image_input`` (RSS zero-filled),
@@ -47,6 +52,14 @@ log = logging.getLogger(__name__)
 ACCELERATIONS = (4, 8)
 GRAPPA_MODES = ("numpy", "none")
 MANIFEST = "synth.json"
+#: The k-space widths met in the challenge's data (docs/challenge.md 1.1), for a 384 x 384 image.
+CHALLENGE_WIDTHS = (320, 322, 338, 356, 368, 370, 372, 386, 388, 392, 396, 480)
+CHALLENGE_CROP = 384
+
+
+def scaled_widths(crop: int) -> tuple[int, ...]:
+    """:data:`CHALLENGE_WIDTHS` scaled to an image of ``crop`` pixels (half up), keeping W / crop as in the data."""
+    return tuple(sorted({int(w * crop / CHALLENGE_CROP + 0.5) for w in CHALLENGE_WIDTHS}))
 
 
 @dataclass(frozen=True)
@@ -55,8 +68,8 @@ class SynthPreset:
 
     Attributes:
         name: preset name.
-        brain_coils, brain_height, brain_width: brain k-space ``C, H, W``.
-        knee_coils, knee_height, knee_width: knee k-space ``C, H, W``.
+        brain_coils, brain_height, brain_width: brain k-space ``C, H, W`` (W unless ``widths`` is set).
+        knee_coils, knee_height, knee_width: knee k-space ``C, H, W`` (W unless ``widths`` is set).
         crop: image size of the image files (``crop x crop``).
         min_slices, max_slices: slices per volume, drawn uniformly in this range.
         n_train: train volumes per (anatomy, acceleration).
@@ -67,6 +80,7 @@ class SynthPreset:
         slice_gap: distance between adjacent slices in object units (``crop / 2`` pixels).
         coil_radius: loop-coil radius in object units.
         grappa_lambda: relative Tikhonov weight of the GRAPPA fit.
+        widths: when not empty, each volume's W is drawn uniformly from these (both anatomies).
     """
 
     name: str
@@ -88,9 +102,10 @@ class SynthPreset:
     slice_gap: float = 0.06
     coil_radius: float = 0.5
     grappa_lambda: float = 1e-2
+    widths: tuple[int, ...] = ()
 
     def shape(self, anatomy: str) -> tuple[int, int, int]:
-        """``(C, H, W)`` of one k-space slice of ``anatomy``."""
+        """``(C, H, W)`` of one k-space slice of ``anatomy`` (a volume draws W when ``widths`` is set)."""
         if anatomy == "brain":
             return self.brain_coils, self.brain_height, self.brain_width
         return self.knee_coils, self.knee_height, self.knee_width
@@ -101,6 +116,8 @@ class SynthPreset:
             c, h, w = self.shape(anatomy)
             if c < 1 or h < 16 or w < 16:
                 raise InputError(f"synth preset {self.name}: {anatomy} shape {c}x{h}x{w} (need C >= 1, H, W >= 16)")
+        if any(isinstance(w, bool) or not isinstance(w, int) or w < 16 for w in self.widths):
+            raise InputError(f"synth preset {self.name}: widths={list(self.widths)}, expected integers >= 16")
         if self.crop < 8:
             raise InputError(f"synth preset {self.name}: crop={self.crop}, expected >= 8")
         if not 1 <= self.min_slices <= self.max_slices:
@@ -115,12 +132,13 @@ PRESETS: dict[str, SynthPreset] = {
     # tests: a whole data set in a few seconds; 20 volumes, 3-4 slices each
     "tiny": SynthPreset("tiny", 8, 64, 64, 8, 64, 64, crop=64, min_slices=3, max_slices=4,
                         n_train=2, n_val=1, n_leaderboard=2),
-    # CPU demos: real coil counts, 2x read-out oversampling, a 96x96 crop
-    "small": SynthPreset("small", 16, 192, 192, 15, 192, 160, crop=96, min_slices=5, max_slices=6,
-                         n_train=2, n_val=1, n_leaderboard=2),
-    # real sizes (fewer slices than the real 16-ish, to keep the data set near 2 GB)
-    "full": SynthPreset("full", 16, 768, 396, 15, 640, 368, crop=384, min_slices=4, max_slices=4,
-                        n_train=1, n_val=1, n_leaderboard=1),
+    # CPU demos: real coil counts, 2x read-out oversampling, a 96x96 crop, the challenge's widths scaled by 96/384
+    "small": SynthPreset("small", 16, 192, 96, 15, 192, 92, crop=96, min_slices=5, max_slices=6,
+                         n_train=2, n_val=1, n_leaderboard=2, widths=scaled_widths(96)),
+    # real sizes: 2x read-out oversampling of a 384-row image, the challenge's widths (fewer slices than
+    # the real 16-ish, to keep the data set near 2 GB)
+    "full": SynthPreset("full", 16, 768, 396, 15, 768, 368, crop=384, min_slices=4, max_slices=4,
+                        n_train=1, n_val=1, n_leaderboard=1, widths=CHALLENGE_WIDTHS),
 }
 
 
@@ -206,6 +224,9 @@ class VolumeModel:
         self.preset = preset
         self.n_slices = int(rng.integers(preset.min_slices, preset.max_slices + 1))
         self.coils, height, width = preset.shape(anatomy)
+        if preset.widths:  # drawn only then, so presets without widths keep their streams (and bytes)
+            width = int(preset.widths[int(rng.integers(len(preset.widths)))])
+        self.height, self.width = height, width
         self.grid = Grid(height, width, preset.crop / 2.0)
         self.phantom = make_phantom(anatomy, rng, self.grid)
         z_mid = float(rng.uniform(-0.15, 0.15))
@@ -270,7 +291,7 @@ def write_volume(root: Path, job: VolumeJob, preset: SynthPreset, seed: int, gra
     """
     model = VolumeModel(volume_rng(seed, job.key), job.anatomy, job.acc, preset)
     kdir, idir = root / job.folder / KSPACE_DIR, root / job.folder / IMAGE_DIR
-    c, h, w = preset.shape(job.anatomy)
+    c, h, w = model.coils, model.height, model.width
     s, crop = model.n_slices, preset.crop
     # the inner context ends first: the k-space file is put in place before its image file
     with atomic_path(idir / job.name) as itmp, atomic_path(kdir / job.name) as ktmp:

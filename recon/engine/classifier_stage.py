@@ -1,5 +1,9 @@
 """The brain/knee classifier stage (docs/pipeline.md 4.6), with the team's bugs fixed.
 
+The loss is the team's BCE-with-logits on one-hot targets by default (``classifier.loss: bce``; ``ce``
+for cross-entropy) and the best checkpoint is the lowest validation loss, ties to the higher accuracy
+(the team's rule; ``classifier.select: val_accuracy`` keeps the highest accuracy, ties to the lower loss).
+
 Fixed on purpose: slices are standardised (the team fed raw ~1e-4 values); the best epoch starts
 from "nothing seen" rather than a loss of 1.0 (the team's first epoch, at loss 4.37, could never be
 saved); the weight penalty is named for what it is (squared L2). The inverted split of the team
@@ -15,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from recon.data.dataset import ImageSliceDataset
@@ -25,7 +28,7 @@ from recon.engine.loop import DivergenceError, StageHooks
 from recon.engine.stage import StageConfig
 from recon.errors import InputError
 from recon.events import Divergence, Panel
-from recon.models.classifier import SliceClassifier
+from recon.models.classifier import LossKind, SliceClassifier, slice_losses
 from recon.seeding import derive_seed, determinism_flags, worker_init_fn
 
 log = logging.getLogger(__name__)
@@ -43,7 +46,7 @@ def _collate(samples: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
 
 
 @torch.no_grad()
-def _evaluate(model: SliceClassifier, loader: DataLoader, device: torch.device) -> dict[str, float]:
+def _evaluate(model: SliceClassifier, loader: DataLoader, device: torch.device, loss: LossKind) -> dict[str, float]:
     model.eval()
     correct = total = 0
     loss_sum = 0.0
@@ -51,7 +54,7 @@ def _evaluate(model: SliceClassifier, loader: DataLoader, device: torch.device) 
     file_label: dict[str, int] = {}
     for images, labels, names in loader:
         logits = model(images.to(device)).float().cpu()
-        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
+        loss_sum += float(slice_losses(logits, labels, loss).sum())
         correct += int((logits.argmax(1) == labels).sum())
         total += len(labels)
         for name, row, label in zip(names, logits, labels.tolist()):
@@ -68,7 +71,7 @@ def _evaluate(model: SliceClassifier, loader: DataLoader, device: torch.device) 
 
 
 class ClassifierStage(StageHooks):
-    """The hooks of the classifier stage: best checkpoint on validation accuracy (ties: lower loss)."""
+    """The hooks of the classifier stage: best checkpoint by ``classifier.select`` (see the module docstring)."""
 
     def __init__(self, cfg: StageConfig, resolved: dict[str, Any]) -> None:
         super().__init__(cfg, resolved)
@@ -118,7 +121,7 @@ class ClassifierStage(StageHooks):
         for images, labels, _ in loader:
             optimizer.zero_grad(set_to_none=True)
             logits = model(images.to(device))
-            loss = F.cross_entropy(logits, labels.to(device))
+            loss = slice_losses(logits, labels.to(device), cfg.classifier.loss).mean()
             if cfg.classifier.weight_penalty:
                 loss = loss + cfg.classifier.weight_penalty * sum(p.square().sum() for p in self.params)
             if not torch.isfinite(loss):
@@ -135,7 +138,7 @@ class ClassifierStage(StageHooks):
 
     def validate_epoch(self, epoch: int, panels: bool) -> tuple[dict[str, float], tuple[Panel, ...]]:
         """Slice and file accuracy on the validation split (no panels)."""
-        return _evaluate(self.model, self.val_loader, self.device), ()
+        return _evaluate(self.model, self.val_loader, self.device, self.cfg.classifier.loss), ()
 
     def schedule_metrics(self, epoch: int, lr: float) -> dict[str, float]:
         """``lr``."""
@@ -146,8 +149,12 @@ class ClassifierStage(StageHooks):
         return metrics["val/accuracy"]
 
     def record_best(self, metrics: dict[str, float], best: float) -> bool:
-        """Higher accuracy, or the same accuracy at a lower loss; remembers the loss when it is."""
-        improved = (metrics["val/accuracy"], -metrics["val/loss"]) > (best, -self.best_loss)
+        """By ``classifier.select``: lower loss (ties: higher accuracy) or higher accuracy (ties: lower
+        loss); remembers the loss when it is better. ``best`` is the accuracy of the best epoch so far."""
+        if self.cfg.classifier.select == "val_loss":
+            improved = (-metrics["val/loss"], metrics["val/accuracy"]) > (-self.best_loss, best)
+        else:
+            improved = (metrics["val/accuracy"], -metrics["val/loss"]) > (best, -self.best_loss)
         if improved:
             self.best_loss = metrics["val/loss"]
         return improved

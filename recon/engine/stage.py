@@ -28,7 +28,7 @@ from recon.io import COMPONENT_RULE, is_safe_component
 from recon.losses import LossConfig
 from recon.models.config import PRESETS, PromptMRConfig
 from recon.schedules import LRScheduleConfig, RampScheduleConfig
-from recon.sections import DEFAULT_SOURCE, Section
+from recon.sections import DEFAULT_SOURCE, FieldError, Section
 
 
 @dataclass(frozen=True)
@@ -157,6 +157,8 @@ class ClassifierTrainConfig(Section):
         image_key: the image dataset classified.
         batch_size: slices per step.
         weight_penalty: coefficient of the squared-L2 parameter penalty (the README's "Lasso").
+        loss: ``bce`` (the team's BCE-with-logits on one-hot targets) or ``ce`` (cross-entropy).
+        select: best checkpoint by the lowest ``val_loss`` (the team) or the highest ``val_accuracy``.
     """
 
     train_split: str = "val"
@@ -164,6 +166,8 @@ class ClassifierTrainConfig(Section):
     image_key: str = "image_grappa"
     batch_size: int = 16
     weight_penalty: float = 1e-6
+    loss: Literal["bce", "ce"] = "bce"
+    select: Literal["val_loss", "val_accuracy"] = "val_loss"
 
 
 @dataclass(frozen=True)
@@ -208,6 +212,11 @@ class StageConfig(Section):
         """Check the sections against each other (see :meth:`recon.sections.Section.validate`)."""
         self.require(self.stage.kind == "classifier" or self.data.num_adj_slices == self.model.num_adj_slices,
                      "data.num_adj_slices", f"must equal model.num_adj_slices ({self.model.num_adj_slices})")
+        for anatomy in ("brain", "knee"):
+            try:
+                self.mraugment.schedule_for(anatomy, self.p_aug)
+            except FieldError as exc:
+                raise FieldError(f"mraugment.{exc.field}", exc.message, exc.value) from None
         if self.stage.kind == "moe":
             unknown = [e for e in self.moe.experts if e not in EXPERTS]
             self.require(not unknown, "moe.experts",

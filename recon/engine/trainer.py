@@ -291,10 +291,14 @@ class ReconStage(StageHooks):
         return train_metrics["train/slices"]
 
     def schedule_metrics(self, epoch: int, lr: float) -> dict[str, float]:
-        """``lr``, ``schedule/p_remask`` (what the mask augmentation does: 1 for a Hacker) and ``schedule/p_aug``."""
+        """``lr``, ``schedule/p_remask`` (what the mask augmentation does: 1 for a Hacker), ``schedule/p_aug``
+        and, when the anatomies' schedules differ, ``schedule/p_aug/brain`` and ``schedule/p_aug/knee``."""
         transform = self.train_ds.transform
         p_mask, p_aug = transform.probabilities(epoch)
-        return {"lr": lr, "schedule/p_remask": transform.mask_aug.remask_probability(p_mask), "schedule/p_aug": p_aug}
+        metrics = {"lr": lr, "schedule/p_remask": transform.mask_aug.remask_probability(p_mask), "schedule/p_aug": p_aug}
+        if transform.aug_per_anatomy:
+            metrics.update({f"schedule/p_aug/{a}": transform.aug_probability(a, epoch) for a in transform.aug_schedules})
+        return metrics
 
     def score(self, metrics: dict[str, float]) -> float:
         """``val/ssim``."""

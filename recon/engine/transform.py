@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from recon.augment.mask_aug import MaskAugmenter
 from recon.augment.mraugment import MRAugmenter
 from recon.data.dataset import Sample, SliceDataset
-from recon.data.names import expert_name
+from recon.data.names import ANATOMIES, expert_name
 from recon.engine.stage import StageConfig
 from recon.masks import infer_acc
 from recon.schedules import prob_at
@@ -69,13 +69,25 @@ class StageTransform:
         self.train = train
         self.mask_aug = MaskAugmenter(cfg.mask_aug)
         self.mraugment = MRAugmenter(cfg.mraugment)
+        self.aug_schedules = {a: cfg.mraugment.schedule_for(a, cfg.p_aug) for a in ANATOMIES}
+
+    @property
+    def aug_per_anatomy(self) -> bool:
+        """Whether the anatomies' ``p_aug`` schedules differ (``mraugment.{brain,knee}.schedule``)."""
+        return len(set(self.aug_schedules.values())) > 1
 
     def probabilities(self, epoch: int) -> tuple[float, float]:
-        """``(p_mask, p_aug)`` at an epoch (0 for validation)."""
+        """``(p_mask, p_aug)`` at an epoch (0 for validation); ``p_aug`` of the stage's ``p_aug`` schedule."""
         if not self.train:
             return 0.0, 0.0
         p_aug = prob_at(self.cfg.p_aug, epoch) if self.cfg.mraugment.enabled else 0.0
         return prob_at(self.cfg.p_mask, epoch), p_aug
+
+    def aug_probability(self, anatomy: str, epoch: int) -> float:
+        """MRAugment's ``p`` for a slice of ``anatomy`` at an epoch (0 for validation or when off)."""
+        if not (self.train and self.cfg.mraugment.enabled):
+            return 0.0
+        return prob_at(self.aug_schedules[anatomy], epoch)
 
     def __call__(self, sample: Sample, epoch: int, index: int) -> TrainItem:
         if sample.target is None:
@@ -84,7 +96,8 @@ class StageTransform:
         file_mask = sample.mask.numpy()
         mask_kind, augmented = "file", False
         if self.train:
-            p_mask, p_aug = self.probabilities(epoch)
+            p_mask, _ = self.probabilities(epoch)
+            p_aug = self.aug_probability(sample.anatomy, epoch)
             seed = self.cfg.seed
             decision = self.mask_aug(file_mask, epoch, p_mask, sample_rng(seed, epoch, index, "mask"))
             mask_np, acc, mask_kind = decision.mask, decision.acc, decision.kind

@@ -4,6 +4,11 @@ The team fed raw ``image_grappa`` slices (values around 1e-4) to the network; he
 standardised on its own (zero mean, unit standard deviation) before it goes in, so the
 classifier does not depend on the scanner's intensity scale. Class 0 is brain, class 1 is knee.
 A file's label is the argmax of the logits summed over its slices (the team's file-level vote).
+
+Training loss (:func:`slice_losses`): ``bce`` is the team's ``BCEWithLogits`` on one-hot targets, two
+independent sigmoids, one per logit; ``ce`` is softmax cross-entropy over the 2 logits. They are not
+the same function (BCE also pushes the two logits apart in absolute terms, CE only their difference),
+but both rank a slice by ``argmax`` of its logits, so the file vote reads either.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from recon.errors import InputError
 
 CLASSES = ("brain", "knee")
+LossKind = Literal["bce", "ce"]
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,29 @@ class SliceClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits for slices ``x`` (B, 1, H, W)."""
         return self.net(normalise_slices(x, self.cfg.normalise))
+
+
+def slice_losses(logits: torch.Tensor, labels: torch.Tensor, kind: LossKind) -> torch.Tensor:
+    """The classification loss of each slice, ``(B,)``; its mean is the batch loss.
+
+    Args:
+        logits: ``(B, num_classes)``.
+        labels: ``(B,)`` class indices (0 brain, 1 knee).
+        kind: ``bce`` (BCE-with-logits on one-hot targets, averaged over the classes, so the batch
+            mean equals torch's default ``BCEWithLogitsLoss()`` the team used) or ``ce`` (cross-entropy).
+
+    Returns:
+        One loss per slice.
+
+    Raises:
+        ValueError: an unknown ``kind``.
+    """
+    if kind == "ce":
+        return F.cross_entropy(logits, labels, reduction="none")
+    if kind == "bce":
+        target = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean(dim=1)
+    raise ValueError(f"classifier loss must be 'bce' or 'ce', got {kind!r}")
 
 
 @torch.no_grad()

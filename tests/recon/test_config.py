@@ -375,8 +375,8 @@ def _train_error(stage: Path | str, *overrides: str) -> str:
 
 def test_cli_names_the_set_key_once_and_its_source() -> None:
     stage = "experiments/tiny/hacker_moe.yaml"
-    assert _train_error(stage, "mraugment.strength=-1") == (
-        "smartify train: error: mraugment.strength = -1.0 (from --set): must be a number >= 0"
+    assert _train_error(stage, "mraugment.magnitude=-1") == (
+        "smartify train: error: mraugment.magnitude = -1.0 (from --set): must be a number >= 0"
     )
     assert _train_error(stage, "mraugment.brain.max_scaling=1.5") == (
         "smartify train: error: mraugment.brain.max_scaling = 1.5 (from --set): must be < 1"
@@ -388,14 +388,14 @@ def test_cli_names_the_set_key_once_and_its_source() -> None:
 
 
 def test_cli_names_the_overlay_file_that_set_a_bad_value(tmp_path: Path) -> None:
-    overlay = _write(tmp_path / "overlay.yaml", "mraugment: {strength: -2}\n")
+    overlay = _write(tmp_path / "overlay.yaml", "mraugment: {magnitude: -2}\n")
     stage = _write(tmp_path / "stage.yaml", f"inherit: [{TINY / 'hacker_moe.yaml'}, overlay.yaml]\n")
     assert _train_error(stage) == (
-        f"smartify train: error: mraugment.strength = -2.0 (from {overlay}): must be a number >= 0"
+        f"smartify train: error: mraugment.magnitude = -2.0 (from {overlay}): must be a number >= 0"
     )
     # A --set on the value the overlay set is named as --set.
-    assert _train_error(stage, "mraugment.strength=-1") == (
-        "smartify train: error: mraugment.strength = -1.0 (from --set): must be a number >= 0"
+    assert _train_error(stage, "mraugment.magnitude=-1") == (
+        "smartify train: error: mraugment.magnitude = -1.0 (from --set): must be a number >= 0"
     )
     # A rule broken by this overlay names the file that set the blamed value: n_history: 1 is in
     # experiments/tiny/overlay.yaml, which hacker_moe.yaml inherits.

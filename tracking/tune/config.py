@@ -11,7 +11,7 @@ A tune file (``experiments/tune.yaml``) is YAML read into :class:`TuneConfig` wi
     trial_only:                       # knobs of the short trial runs only (not in the overlay)
       train.panel_every: 0
     space:
-      mraugment.strength: {type: float, low: 0.5, high: 2.0}
+      mraugment.magnitude: {type: float, low: 0.5, high: 2.0}
       model.reduction: {type: categorical, choices: [1, 2, 4, 8, 16]}
 
 This module is the schema and its loading only; what the ``space`` keys mean for the stage (their check against

@@ -245,7 +245,7 @@ def test_fire_rates_follow_weight_times_p_and_limits() -> None:
         assert max(abs(d["shear_x"]) for d in draws) <= preset.max_shear_x
         scales = [d["scale"] for d in draws]
         assert 0.88 <= min(scales) and max(scales) <= 1.12
-    strong = MRAugmenter(MRAugmentConfig(enabled=True, strength=2.0))
+    strong = MRAugmenter(MRAugmentConfig(enabled=True, magnitude=2.0))
     assert max(abs(strong.draw("knee", 1.0, 64, 64, rng)["rotation"]) for _ in range(500)) > 5.0
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from recon.data.layout import discover_leaderboard, discover_pairs, validate_pair
-from recon.data.synth import PRESETS, plan_jobs, resolve_preset, write_dataset, write_volume
+from recon.data.synth import (CHALLENGE_WIDTHS, PRESETS, VolumeModel, plan_jobs, resolve_preset, scaled_widths,
+                              volume_rng, write_dataset, write_volume)
 from recon.errors import InputError
 from recon.fft import center_crop, ifft2c_np, rss
 from recon.masks import acs_bounds, acs_width, public_mask
@@ -197,9 +198,64 @@ def test_bad_options_are_input_errors(tmp_path: Path) -> None:
 
 def test_presets_have_the_documented_sizes() -> None:
     tiny, small, full = PRESETS["tiny"], PRESETS["small"], PRESETS["full"]
-    assert tiny.shape("brain") == tiny.shape("knee") == (8, 64, 64) and tiny.crop == 64
-    assert small.crop == 96 and small.brain_coils == 16
-    assert full.shape("brain") == (16, 768, 396) and full.shape("knee") == (15, 640, 368) and full.crop == 384
+    assert tiny.shape("brain") == tiny.shape("knee") == (8, 64, 64) and tiny.crop == 64 and tiny.widths == ()
+    assert small.crop == 96 and small.brain_coils == 16 and small.brain_height == small.knee_height == 2 * 96
+    # full: 2x read-out oversampling of the 384-row image for both anatomies, the challenge's widths
+    assert full.brain_height == full.knee_height == 2 * full.crop == 768 and full.crop == 384
+    assert full.widths == CHALLENGE_WIDTHS == (320, 322, 338, 356, 368, 370, 372, 386, 388, 392, 396, 480)
+    # small: the same widths at its 96-pixel crop (W / crop as in the data, below and above the crop)
+    assert small.widths == scaled_widths(96) == (80, 81, 85, 89, 92, 93, 97, 98, 99, 120)
+
+
+@pytest.mark.parametrize("name", ["small", "full"])
+def test_small_and_full_volumes_draw_mixed_widths(name: str, tmp_path: Path) -> None:
+    """Each volume's width comes from the preset's list, mixed within one data set (draws only, one file written)."""
+    preset = PRESETS[name]
+    jobs = plan_jobs(preset)
+    widths = [VolumeModel(volume_rng(0, job.key), job.anatomy, job.acc, preset).width for job in jobs]
+    assert set(widths) <= set(preset.widths)
+    assert len(set(widths)) >= 4
+    assert min(widths) < preset.crop < max(widths)  # narrower than the image and wider, as in the data
+    assert {w % 2 for w in widths} == {0, 1} or name == "full"  # small: even and odd W
+    assert {acs_width(w) % 2 for w in widths} == {0, 1}  # odd and even ACS blocks
+    if name == "small":  # one real file: its shapes and mask follow the drawn width
+        job = jobs[0]
+        write_volume(tmp_path, job, preset, seed=0, grappa="none")
+        with h5py.File(tmp_path / job.folder / "kspace" / job.name) as kf:
+            _, c, h, w = kf["kspace"].shape
+            assert (c, h, w) == (16, 192, widths[0]) and np.array_equal(kf["mask"][()], public_mask(w, job.acc))
+        with h5py.File(tmp_path / job.folder / "image" / job.name) as imf:
+            assert imf["image_label"].shape[1:] == (96, 96)
+
+
+@pytest.mark.slow
+def test_a_mixed_width_data_set_trains_and_validates(tmp_path: Path) -> None:
+    """Two widths (below and above the crop, one odd, with an odd ACS block) through one epoch and validation."""
+    from recon.engine.stage import load_stage_config
+    from recon.engine.trainer import run_stage
+    from tests.recon.engine.test_engine import EXPERIMENTS, Recorder
+
+    root = tmp_path / "mixed"
+    write_dataset(root, "tiny", seed=4, widths=(60, 67))
+    widths = {}
+    for pair in discover_pairs(root / "train") + discover_pairs(root / "val"):
+        with h5py.File(pair.kspace) as f:
+            widths[pair.kspace.name] = f["kspace"].shape[-1]
+    assert set(widths.values()) == {60, 67} and acs_width(67) % 2 == 1
+    cfg, resolved = load_stage_config(EXPERIMENTS / "tiny" / "helper_baseline.yaml", [
+        f"data.root={root}", f"output.dir={tmp_path / 'run'}", "train.epochs=1", "train.panel_every=0",
+        "train.probe_memory=false", "p_mask.kind=constant", "p_mask.start=0", "p_mask.p_max=1.0"])
+    rec = Recorder()
+    end = run_stage(cfg, resolved, rec)
+    metrics = rec.epochs[0].metrics
+    assert end.status == "finished" and np.isfinite(metrics["train/loss"])
+    assert 0.0 < metrics["val/ssim"] <= 1.0
+    val_slices = 0
+    for pair in discover_pairs(root / "val"):
+        with h5py.File(pair.kspace) as f:
+            val_slices += f["kspace"].shape[0]
+    assert metrics["val/slices"] == min(val_slices, cfg.data.max_val_slices or val_slices)
+    assert {f"val/ssim/{a}_acc{acc}" for a in ("brain", "knee") for acc in (4, 8)} <= set(metrics)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

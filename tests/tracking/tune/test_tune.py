@@ -128,7 +128,7 @@ def test_bad_tune_files_fail_before_any_trial(tmp_path, tiny_data):
             SearchSpace(cfg.space, stage_layers(cfg, base, [f"data.root={tiny_data}", *extra]))
 
     check("mraugment.strenght", space={"mraugment.strenght": {"type": "float", "low": 0.5, "high": 1.0}})
-    check("space.mraugment.strength=10.0", space={"mraugment.strength": {"type": "float", "low": 0.5, "high": 10}})
+    check("space.mraugment.magnitude=10.0", space={"mraugment.magnitude": {"type": "float", "low": 0.5, "high": 10}})
     check("none of", space={"model.reduction": {"type": "categorical", "choices": [32, 64]}})
     check("--set p_aug.p_max: this key is in the search space", "p_aug.p_max=0.3")
     check("--set output.dir: each trial sets it", "output.dir=/tmp/x")
