@@ -96,7 +96,7 @@ def test_register_under_stage_run_and_load_in_fresh_process(tmp_path: Path, home
         "smartify-hacker", run_id, "moe", "hacker_moe", 4)
     assert info.val_metric == "val/ssim" and info.val_score == pytest.approx(0.912)
     assert info.data_fingerprint == "f" * 64
-    assert info.val_protocol == "split=val;max_slices=None;trained_on_val=False"
+    assert info.val_protocol == "split=val;max_slices=None;trained_on_val=False;remask=off"  # no validation.remask
     assert info.experts == EXPERTS
     assert info.tags["weights_digest"] == weights_digest(original["model"])
     client = make_client(stores)
