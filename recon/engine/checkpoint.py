@@ -39,6 +39,13 @@ PATH_KEY = "path"
 REQUIRED = ("kind", "config", "model_config", "model", "epoch")
 UNNAMED = "<checkpoint>"
 _VERSIONS = "versions"  # the field filled in on save
+#: What best-checkpoint selection used before checkpoints named their metric (by kind; others: val/ssim).
+LEGACY_SELECT_METRIC = {"classifier": "val/accuracy"}
+
+
+def legacy_select_metric(kind: str) -> str:
+    """The metric of ``best_metric`` in a file written before ``best_metric_name`` existed."""
+    return LEGACY_SELECT_METRIC.get(kind, "val/ssim")
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no plain equality
@@ -60,6 +67,9 @@ class Checkpoint:
         optimizer: optimizer state dict (one for all experts), or None in exported weights.
         best_metric: best validation score so far (``-inf`` before any), or None when unknown.
         best_epoch: the epoch of ``best_metric``, or None.
+        best_metric_name: the metric ``best_metric`` is (the stage's ``train.select_metric`` as
+            resolved, e.g. ``val/leaderboard``). Files written before this field: the metric selection
+            used then, ``val/ssim`` (``val/accuracy`` for the classifier), see :data:`LEGACY_SELECT_METRIC`.
         metrics: the epoch's metrics.
         rng: the RNG streams (:func:`recon.seeding.capture_rng_state`), or None (exported weights:
             then the key is not written).
@@ -79,6 +89,7 @@ class Checkpoint:
     optimizer: dict[str, Any] | None = None
     best_metric: float | None = None
     best_epoch: int | None = None
+    best_metric_name: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     rng: dict[str, Any] | None = None
     tracking: dict[str, Any] = field(default_factory=dict)
@@ -143,6 +154,8 @@ class Checkpoint:
         values["tracking"] = dict(values.get("tracking") or {})
         values.setdefault("stage", None)
         values.setdefault("family", None)
+        if values.get("best_metric_name") is None:
+            values["best_metric_name"] = legacy_select_metric(str(values["kind"]))
         return cls(**values, path=source)
 
     @classmethod

@@ -30,7 +30,7 @@ from recon.engine.checkpoint import Checkpoint, load_state_strict
 from recon.engine.memory_meter import EpochMemory
 from recon.engine.outputs import resume_tracking
 from recon.engine.runtime import select_device, write_checkpoint
-from recon.engine.stage import StageConfig
+from recon.engine.stage import StageConfig, auto_select_metric
 from recon.errors import InputError
 from recon.events import Callback, Divergence, EpochEnd, Panel, StageEnd, StageStart
 from recon.schedules import lr_at, set_lr
@@ -58,6 +58,8 @@ class StageHooks(ABC):
         device: where the model runs.
         model: the network being trained.
         checkpoint_family: the ``family`` stored in checkpoints.
+        select_metric: the name of the metric :meth:`score` returns (``train.select_metric`` resolved,
+            :func:`recon.engine.stage.auto_select_metric`); stored with ``best_metric`` in checkpoints.
     """
 
     model: nn.Module
@@ -66,6 +68,7 @@ class StageHooks(ABC):
     def __init__(self, cfg: StageConfig, resolved: dict[str, Any]) -> None:
         self.cfg = cfg
         self.resolved = resolved
+        self.select_metric = auto_select_metric(cfg)
         self.ctx = dist.context()
         self.device = select_device(cfg.train.device) if not self.ctx.enabled else self.ctx.device
 
@@ -102,7 +105,7 @@ class StageHooks(ABC):
 
     @abstractmethod
     def score(self, metrics: dict[str, float]) -> float:
-        """The validation score of the epoch (higher is better)."""
+        """The validation score of the epoch (higher is better): the value of :attr:`select_metric`."""
 
     @abstractmethod
     def record_best(self, metrics: dict[str, float], best: float) -> bool:
@@ -131,8 +134,26 @@ def _resume(hooks: StageHooks, resume: str | Path) -> Checkpoint:
     if checkpoint.kind != kind:
         raise InputError(f"{checkpoint.source}: a {checkpoint.kind} checkpoint cannot resume a {kind} stage")
     load_state_strict(hooks.model, checkpoint.model, checkpoint.source)
+    _adopt_select_metric(hooks, checkpoint)
     hooks.resumed(checkpoint)
     return checkpoint
+
+
+def _adopt_select_metric(hooks: StageHooks, checkpoint: Checkpoint) -> None:
+    """A resumed stage keeps selecting on the metric of the checkpoint's ``best_metric``.
+
+    ``select_metric: auto`` takes the checkpoint's metric (an old file's best was ``val/ssim``); an
+    explicit, different metric is refused, since the running best would compare two metrics.
+    """
+    stored = checkpoint.best_metric_name
+    if stored is None or stored == hooks.select_metric:
+        return
+    if hooks.cfg.train.select_metric == "auto":
+        hooks.select_metric = stored
+        return
+    raise InputError(f"{checkpoint.source}: its best_metric is {stored}, but train.select_metric is "
+                     f"{hooks.cfg.train.select_metric}; resume with --set train.select_metric={stored} "
+                     "(or start a new stage from it with --init-from)")
 
 
 def run_loop(
@@ -224,7 +245,7 @@ def run_loop(
                 kind=cfg.stage.kind, stage=cfg.stage.name, family=hooks.checkpoint_family, epoch=epoch,
                 config=hooks.resolved, model_config=hooks.model_config(), experts=hooks.experts(),
                 model=model.state_dict(), optimizer=optimizer.state_dict(), best_metric=best,
-                best_epoch=best_epoch, metrics=dict(metrics),
+                best_epoch=best_epoch, best_metric_name=hooks.select_metric, metrics=dict(metrics),
             )
             last_path = write_checkpoint(callbacks, out_dir, "last", score, saved)
             if improved:

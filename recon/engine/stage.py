@@ -14,6 +14,7 @@ resolved configuration (saved with every checkpoint) lists every model field.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -113,6 +114,12 @@ class TrainConfig(Section):
         progress: tqdm progress bars.
         probe_memory: run the memory probe at stage start and log its estimate every epoch
             (``memory/probe_predicted_mb``); the tuner switches it off because it has probed already.
+        select_metric: the validation metric that picks the ``best`` checkpoint (higher is better), e.g.
+            ``val/leaderboard`` or ``val_remasked/leaderboard``; ``auto`` (see :func:`auto_select_metric`):
+            ``val/accuracy`` for the classifier, ``val_remasked/leaderboard`` for a Helper (with
+            re-masking on), else ``val/leaderboard``. A leaderboard that the scored validation slices
+            cannot report (no acc4 or no acc8 under ``data.max_val_slices``) is replaced by the same
+            pass's ``/ssim`` with a warning (:func:`recon.engine.trainer._resolve_select_metric`).
     """
 
     start_epoch: int = 0
@@ -125,12 +132,60 @@ class TrainConfig(Section):
     stuck_steps: int = 50
     progress: bool = True
     probe_memory: bool = True
+    select_metric: str = "auto"
 
     def validate(self) -> None:
         """Check the values (see :meth:`recon.sections.Section.validate`)."""
+        name = self.select_metric
+        self.require(name == "auto" or name == "val/accuracy" or _SELECTABLE.match(name) is not None,
+                     "select_metric", "must be auto, val/accuracy or a val/ or val_remasked/ SSIM metric "
+                     "(ssim, leaderboard, ssim/acc4, ssim/brain_acc8...)")
         self.require(self.epochs > self.start_epoch, "epochs",
                      f"must be greater than train.start_epoch ({self.start_epoch})")
         self.require(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+#: selectable reconstruction metrics: ``val[_remasked]/ssim``, ``.../leaderboard``, ``.../ssim/<group>``
+_SELECTABLE = re.compile(r"^val(_remasked)?/(ssim|leaderboard|ssim/acc\d+|ssim/(brain|knee)_acc\d+)$")
+REMASK_KINDS = ("equispaced", "random")
+
+
+@dataclass(frozen=True)
+class RemaskConfig(Section):
+    """Re-masked validation (:mod:`recon.engine.remask`): the validation files scored again under masks
+    that are not the public pattern, logged as ``val_remasked/...``.
+
+    Attributes:
+        enabled: run the re-masked pass every epoch (reconstruction stages).
+        kinds: ``equispaced`` (a start other than ``(W // 2) % acc``) and/or ``random`` (columns kept
+            with probability ``1 / acc``); each at the file's acceleration, with a centred ACS block.
+        seed: the validation seed; a mask's seed is derived from it, the file name and the kind.
+        center_fraction: ACS width as a fraction of W (the public pattern's 0.08).
+    """
+
+    enabled: bool = True
+    kinds: tuple[Literal["equispaced", "random"], ...] = REMASK_KINDS
+    seed: int = 2025
+    center_fraction: float = 0.08
+
+    def validate(self) -> None:
+        """Check the values (see :meth:`recon.sections.Section.validate`)."""
+        self.require(not self.enabled or len(self.kinds) > 0, "kinds", "must name at least one kind when enabled")
+        self.require(len(set(self.kinds)) == len(self.kinds), "kinds", "must not repeat a kind")
+        self.require(0.0 < self.center_fraction <= 1.0, "center_fraction", "must be in (0, 1]")
+
+    def protocol(self) -> str:
+        """What decides the re-masked score, as one token (``off`` or ``equispaced+random@2025/cf0.08``)."""
+        if not self.enabled:
+            return "off"
+        return f"{'+'.join(self.kinds)}@{self.seed}/cf{self.center_fraction:g}"
+
+
+@dataclass(frozen=True)
+class ValidationConfig(Section):
+    """What validation scores besides the files' own masks."""
+
+    remask: RemaskConfig = field(default_factory=RemaskConfig)
 
 
 @dataclass(frozen=True)
@@ -203,6 +258,7 @@ class StageConfig(Section):
     p_aug: RampScheduleConfig = field(default_factory=RampScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     classifier: ClassifierTrainConfig = field(default_factory=ClassifierTrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -217,6 +273,15 @@ class StageConfig(Section):
                 self.mraugment.schedule_for(anatomy, self.p_aug)
             except FieldError as exc:
                 raise FieldError(f"mraugment.{exc.field}", exc.message, exc.value) from None
+        name = self.train.select_metric
+        if self.stage.kind == "classifier":
+            self.require(name in ("auto", "val/accuracy"), "train.select_metric",
+                         "must be auto or val/accuracy for the classifier stage")
+        else:
+            self.require(name != "val/accuracy", "train.select_metric",
+                         "val/accuracy is the classifier's; a reconstruction stage selects on an SSIM metric")
+            self.require(not name.startswith("val_remasked/") or self.validation.remask.enabled,
+                         "train.select_metric", f"{name} needs validation.remask.enabled: true")
         if self.stage.kind == "moe":
             unknown = [e for e in self.moe.experts if e not in EXPERTS]
             self.require(not unknown, "moe.experts",
@@ -226,6 +291,22 @@ class StageConfig(Section):
     def output_dir(self) -> Path:
         """The stage's output folder with ``{stage}`` expanded."""
         return expand_output_dir(self.output.dir, self.stage.name)
+
+
+def auto_select_metric(cfg: StageConfig) -> str:
+    """The metric ``train.select_metric: auto`` stands for, before looking at the data.
+
+    ``val/accuracy`` for the classifier; ``val_remasked/leaderboard`` for a Helper (the masks it is
+    trained for are not the public pattern) when re-masking is on; ``val/leaderboard`` otherwise.
+    An explicit ``select_metric`` is returned as it is.
+    """
+    if cfg.train.select_metric != "auto":
+        return cfg.train.select_metric
+    if cfg.stage.kind == "classifier":
+        return "val/accuracy"
+    if cfg.stage.family == "helper" and cfg.validation.remask.enabled:
+        return "val_remasked/leaderboard"
+    return "val/leaderboard"
 
 
 def expand_output_dir(template: str, stage: str) -> Path:

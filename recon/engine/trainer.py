@@ -28,13 +28,14 @@ from torch.utils.data import DataLoader
 
 from recon.data.dataset import SliceDataset
 from recon.data.layout import FilePair, data_fingerprint, discover_split, open_h5
-from recon.data.names import EXPERTS
+from recon.data.names import EXPERTS, expert_name
 from recon.engine import distributed as dist
 from recon.engine.checkpoint import Checkpoint, build_model, load_state_strict
 from recon.engine.loop import DivergenceError, StageHooks, run_loop
 from recon.engine.stage import StageConfig
 from recon.engine.transform import EpochDataset, StageTransform, TrainItem, collate_items
-from recon.engine.validation import metrics_from_stats, panel_indices, validate
+from recon.engine.remask import RemaskedDataset, stats_key
+from recon.engine.validation import metrics_from_stats, panel_indices, remasked_metrics, validate
 from recon.errors import InputError
 from recon.events import Callback, ConsoleCallback, Divergence, Panel, StageEnd
 from recon.fft import center_crop
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 STUCK_LOSS = 1.0 - 1e-4
 #: how a training slice's mask was chosen (:class:`recon.augment.mask_aug.MaskDecision` ``kind``)
 MASK_KINDS = ("file", "public", "equispaced", "random")
+#: metrics whose value at the best epoch is reported as ``best_<name with / as _>`` (with the selected one)
+BEST_OF = ("val/ssim", "val/leaderboard", "val_remasked/ssim", "val_remasked/leaderboard")
 #: per epoch, the share of the trained slices of each mask kind and of the slices MRAugment changed
 SHARE_NAMES = {**{f"mask/{kind}": f"train/mask_share/{kind}" for kind in MASK_KINDS},
                "augmented": "train/augmented_share"}
@@ -78,6 +81,46 @@ def _load_data(cfg: StageConfig) -> _Data:
     # promotion compares models on the same validation data: keep that digest on its own
     fingerprint["val_digest"] = data_fingerprint(val_pairs)["digest"]
     return _Data(train, val, all_pairs, fingerprint)
+
+
+def best_key(metric: str) -> str:
+    """The running-best metric name of a validation metric: ``best_val_leaderboard``..."""
+    return "best_" + metric.replace("/", "_")
+
+
+def _val_slices(cfg: StageConfig, val: SliceDataset) -> int:
+    n = len(val)
+    return n if cfg.data.max_val_slices is None else min(n, cfg.data.max_val_slices)
+
+
+def _resolve_select_metric(cfg: StageConfig, metric: str, val: SliceDataset) -> str:
+    """Check that the scored validation slices can report ``metric``.
+
+    A ``.../leaderboard`` needs acc4 and acc8 slices, a per-group metric that group. A leaderboard
+    the slices cannot report (a smoke test's ``data.max_val_slices`` keeps one acceleration) becomes
+    the same pass's ``.../ssim``, with a warning; the checkpoint's ``best_metric_name``, the
+    ``best_*`` metric and the registered version name the metric used. A per-group metric the slices
+    cannot report is refused.
+    """
+    groups = {expert_name(val.pairs[f].anatomy, val.pairs[f].acc) for f, _ in val.index[:_val_slices(cfg, val)]}
+    accs = {g.rsplit("acc", 1)[1] for g in groups}
+    prefix, _, rest = metric.partition("/")
+    if rest == "leaderboard":
+        missing = sorted({"4", "8"} - accs)
+    elif rest.startswith("ssim/"):
+        group = rest[len("ssim/"):]
+        missing = [] if (group in groups or group.removeprefix("acc") in accs) else [group]
+    else:
+        missing = []
+    if not missing:
+        return metric
+    what = (f"the validation slices scored ({cfg.data.val_split}, data.max_val_slices="
+            f"{cfg.data.max_val_slices}) have no {' or '.join('acc' + m if m.isdigit() else m for m in missing)}")
+    if rest == "leaderboard":
+        log.warning("train.select_metric: %s cannot be computed (%s); selecting on %s/ssim",
+                    metric, what, prefix)
+        return f"{prefix}/ssim"
+    raise InputError(f"train.select_metric = {metric}: {what}")
 
 
 def _fill_area_cache(cache: VolumeAreaCache, pairs: list[FilePair]) -> None:
@@ -151,6 +194,9 @@ class ReconStage(StageHooks):
         if cfg.loss.sqrt_area_weight:
             _fill_area_cache(self.areas, list(self.data.train.pairs))
         self.probe: float | None = None
+        self.select_metric = _resolve_select_metric(cfg, self.select_metric, self.data.val)
+        self.best_values: dict[str, float] = {}
+        self.remask_ds: RemaskedDataset | None = None
 
     # ----------------------------------------------------------------- forward
     def net_for(self, expert: str) -> nn.Module:
@@ -254,12 +300,23 @@ class ReconStage(StageHooks):
                 yield [val_ds[i] for i in mine[start:start + size]]
 
         stats, panels = validate(batches(), self.eval_forward, panel_at)
-        if self.ctx.enabled:
-            keys = sorted(set(self.cfg.moe.experts) | set(EXPERTS))
-            flat = [float(x) for k in keys for x in stats.get(k, (0.0, 0))]
-            summed = self.ctx.all_reduce_sum(flat)
-            stats = {k: (summed[2 * i], int(round(summed[2 * i + 1]))) for i, k in enumerate(keys)}
-        return metrics_from_stats(stats), tuple(panels)
+        experts = sorted(set(self.cfg.moe.experts) | set(EXPERTS))
+        metrics = metrics_from_stats(self._reduce(stats, experts))
+        if self.remask_ds is not None:
+            ds = self.remask_ds
+            mine = ds.indices_for_rank(self.ctx.rank, self.ctx.world_size)
+            remasked, _ = validate(ds.batches(mine, size), self.eval_forward, key=stats_key)
+            keys = [f"{kind}:{e}" for kind in ds.kinds for e in experts]
+            metrics.update(remasked_metrics(self._reduce(remasked, keys)))
+        return metrics, tuple(panels)
+
+    def _reduce(self, stats: dict[str, tuple[float, int]], keys: list[str]) -> dict[str, tuple[float, int]]:
+        """Per-group sums over every rank (unchanged in a single process)."""
+        if not self.ctx.enabled:
+            return stats
+        flat = [float(x) for k in keys for x in stats.get(k, (0.0, 0))]
+        summed = self.ctx.all_reduce_sum(flat)
+        return {k: (summed[2 * i], int(round(summed[2 * i + 1]))) for i, k in enumerate(keys)}
 
     # ----------------------------------------------------------------- loop hooks
     def init_weights(self, donor: Checkpoint) -> None:
@@ -273,6 +330,8 @@ class ReconStage(StageHooks):
         self.val_ds = EpochDataset(self.data.val, StageTransform(cfg, train=False))
         self.probe = self.probe_mb(self.data) if cfg.train.probe_memory else None
         self.panel_at = panel_indices(len(self.val_ds), cfg.train.panel_slices)
+        if cfg.validation.remask.enabled:
+            self.remask_ds = RemaskedDataset(self.data.val, cfg, _val_slices(cfg, self.data.val))
 
     def start_fields(self) -> dict[str, Any]:
         """StageStart fields of a reconstruction stage."""
@@ -301,16 +360,30 @@ class ReconStage(StageHooks):
         return metrics
 
     def score(self, metrics: dict[str, float]) -> float:
-        """``val/ssim``."""
-        return metrics.get("val/ssim", -math.inf)
+        """The value of :attr:`select_metric` (``train.select_metric`` resolved)."""
+        if self.select_metric not in metrics:
+            have = ", ".join(sorted(k for k in metrics if k.startswith("val")))
+            raise InputError(f"train.select_metric = {self.select_metric}: not reported by validation (have: {have})")
+        return float(metrics[self.select_metric])
 
     def record_best(self, metrics: dict[str, float], best: float) -> bool:
-        """A higher ``val/ssim``."""
-        return self.score(metrics) > best
+        """A higher :attr:`select_metric`; remembers that epoch's :data:`BEST_OF` values."""
+        improved = self.score(metrics) > best
+        if improved:
+            self.best_values = {m: float(metrics[m]) for m in (*BEST_OF, self.select_metric) if m in metrics}
+        return improved
 
     def best_metrics(self, best: float) -> dict[str, float]:
-        """``best_val_ssim``."""
-        return {"best_val_ssim": best}
+        """``best_<metric>`` of the best epoch: the selected metric (``best``) and :data:`BEST_OF`."""
+        out = {best_key(m): v for m, v in self.best_values.items()}
+        out[best_key(self.select_metric)] = best
+        return out
+
+    def resumed(self, checkpoint: Checkpoint) -> None:
+        """The best epoch's reported values from the checkpoint's ``best_*`` metrics."""
+        stored = checkpoint.metrics
+        self.best_values = {m: float(stored[best_key(m)]) for m in (*BEST_OF, self.select_metric)
+                            if best_key(m) in stored}
 
     def extra_metrics(self) -> dict[str, float]:
         """``memory/probe_predicted_mb`` when the probe ran."""

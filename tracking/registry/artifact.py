@@ -24,7 +24,9 @@ from typing import Any
 import torch
 import yaml
 
-from recon.engine.checkpoint import Checkpoint, save_checkpoint
+from recon.engine.checkpoint import Checkpoint, legacy_select_metric, save_checkpoint
+from recon.engine.stage import RemaskConfig
+from recon.sections import from_dict
 
 ARTIFACT_FORMAT = "smartify.registered/1"
 WEIGHTS_FILE = "weights.pt"
@@ -34,23 +36,26 @@ DESCRIPTION_FILE = "smartify-model.json"
 
 
 def validation_score(checkpoint: Checkpoint) -> tuple[str, float | None]:
-    """The validation score of exactly these weights.
+    """The validation score of exactly these weights, on the metric the stage selected with.
 
-    ``best_metric`` when the checkpoint is the best epoch (``best.pt``); otherwise the epoch's own
-    ``val/ssim`` (``val/accuracy``) from ``metrics`` (a ``last.pt`` whose epoch was not the best).
+    The metric is the checkpoint's ``best_metric_name`` (``val/leaderboard``,
+    ``val_remasked/leaderboard``...; files from before it: ``val/ssim``, the classifier's
+    ``val/accuracy``). The score is ``best_metric`` when the checkpoint is the best epoch
+    (``best.pt``); otherwise the epoch's own value of that metric from ``metrics`` (a ``last.pt``
+    whose epoch was not the best).
 
     Args:
         checkpoint: a loaded checkpoint.
 
     Returns:
-        ``(metric, score)``: metric is ``ssim`` or ``accuracy``; score None when unknown.
+        ``(metric, score)``; score None when unknown.
     """
-    metric = "accuracy" if checkpoint.kind == "classifier" else "ssim"
+    metric = checkpoint.best_metric_name or legacy_select_metric(checkpoint.kind)
     best, best_epoch = checkpoint.best_metric, checkpoint.best_epoch
     if best is not None and (best_epoch is None or int(best_epoch) == checkpoint.epoch):
         value = float(best)
         return metric, value if value > float("-inf") else None
-    own = checkpoint.metrics.get(f"val/{metric}")
+    own = checkpoint.metrics.get(metric)
     return metric, float(own) if own is not None else None
 
 
@@ -61,8 +66,9 @@ def validation_protocol(checkpoint: Checkpoint) -> str:
         checkpoint: a loaded checkpoint.
 
     Returns:
-        e.g. ``split=val;max_slices=None;trained_on_val=False`` (the classifier: its own
-        ``val_split``).
+        e.g. ``split=val;max_slices=None;trained_on_val=False;remask=equispaced+random@2025/cf0.08``
+        (``remask=off`` for a stage without re-masked validation, or from before it existed); the
+        classifier: its own ``val_split``.
     """
     config = checkpoint.config or {}
     data = config.get("data") or {}
@@ -71,7 +77,10 @@ def validation_protocol(checkpoint: Checkpoint) -> str:
         return f"split={split}"
     # a stage that trained on its validation split (use_val_for_final) has a score that is not comparable
     trained_on_val = bool(data.get("use_val_for_final", False))
-    return f"split={data.get('val_split')};max_slices={data.get('max_val_slices')};trained_on_val={trained_on_val}"
+    remask = (config.get("validation") or {}).get("remask")
+    protocol = from_dict(RemaskConfig, remask, "validation.remask").protocol() if remask is not None else "off"
+    return (f"split={data.get('val_split')};max_slices={data.get('max_val_slices')};"
+            f"trained_on_val={trained_on_val};remask={protocol}")
 
 
 def weights_digest(state: dict[str, torch.Tensor]) -> str:

@@ -4,9 +4,11 @@ A registered version carries its validation score and what that score was measur
 :mod:`tracking.registry.versions`): ``val_metric``, ``val_score``, ``data_fingerprint`` and ``val_protocol``.
 :func:`promote` moves the alias when, against the version that holds it now,
 
-1. both scores use the same metric,
+1. both scores use the same metric (the stage's ``train.select_metric``: ``val/leaderboard`` for
+   a Hacker, ``val_remasked/leaderboard`` for a Helper; the tags ``ssim``/``accuracy`` of versions
+   registered before are ``val/ssim``/``val/accuracy``),
 2. both were measured on the same data (equal, known ``data_fingerprint``) with the same
-   validation protocol (split and slice cap), and
+   validation protocol (split, slice cap, trained on it or not, re-masking kinds and seed), and
 3. the candidate's score is at least the holder's (ties promote: a newer version of equal score
    is preferred).
 
@@ -17,7 +19,8 @@ recorded. The first holder of an alias needs no comparison.
 Each move is recorded as tags:
 
 * on the promoted version and on the registered model: ``promotion.<alias>.by`` (user),
-  ``.at`` (UTC ISO time), ``.previous_version``, ``.previous_score``, ``.score``, ``.reason``,
+  ``.at`` (UTC ISO time), ``.previous_version``, ``.previous_score``, ``.score``, ``.metric`` (what
+  both scores are), ``.reason``,
   ``.forced`` and, when forced, ``.overrode`` (the refusal it overrode);
 * on the registered model, append-only: ``promotion.<alias>.history.<NNNN>``, one compact JSON
   object per move (numbered from 0001, never rewritten);
@@ -104,6 +107,15 @@ def _fmt(score: float | None) -> str:
     return f"{score:.4f}" if score is not None else "unknown"
 
 
+#: ``val_metric`` tags of versions registered before the tag held the metric's full name
+_LEGACY_METRICS = {"ssim": "val/ssim", "accuracy": "val/accuracy"}
+
+
+def metric_name(info: ModelVersionInfo) -> str:
+    """The full name of the metric a version's ``val_score`` is (old short tags mapped)."""
+    return _LEGACY_METRICS.get(info.val_metric, info.val_metric)
+
+
 def refusal(candidate: ModelVersionInfo, holder: ModelVersionInfo, alias: str) -> str | None:
     """Why ``candidate`` may not take ``alias`` from ``holder``, or None when it may.
 
@@ -117,8 +129,9 @@ def refusal(candidate: ModelVersionInfo, holder: ModelVersionInfo, alias: str) -
     """
     cand = f"version {candidate.version}"
     held = f"{alias} version {holder.version}"
-    if candidate.val_metric != holder.val_metric:
-        return f"{cand} is scored by val {candidate.val_metric}, {held} by val {holder.val_metric}; not comparable"
+    metric = metric_name(candidate)
+    if metric != metric_name(holder):
+        return f"{cand} is scored by {metric}, {held} by {metric_name(holder)}; not comparable"
     if UNKNOWN in (candidate.data_fingerprint, holder.data_fingerprint):
         which = cand if candidate.data_fingerprint == UNKNOWN else held
         return f"{which} has no data fingerprint, so the validation data cannot be shown to be the same"
@@ -126,13 +139,12 @@ def refusal(candidate: ModelVersionInfo, holder: ModelVersionInfo, alias: str) -
         return (f"{cand} was validated on other data than {held} (fingerprint "
                 f"{candidate.data_fingerprint[:12]} vs {holder.data_fingerprint[:12]})")
     if candidate.val_protocol != holder.val_protocol:
-        return f"{cand} was validated as {candidate.val_protocol}, {held} as {holder.val_protocol}"
+        return f"{cand} was validated as {candidate.val_protocol}, {held} as {holder.val_protocol}; not comparable"
     if candidate.val_score is None or holder.val_score is None:
         which = cand if candidate.val_score is None else held
         return f"{which} has no validation score"
     if candidate.val_score < holder.val_score:
-        return (f"{cand} val {candidate.val_metric} {_fmt(candidate.val_score)} < {held} "
-                f"{_fmt(holder.val_score)}")
+        return f"{cand} {metric} {_fmt(candidate.val_score)} < {held} {_fmt(holder.val_score)}"
     return None
 
 
@@ -209,7 +221,7 @@ def promote(
         "by": by, "at": at, "version": str(candidate.version), "score": _fmt(candidate.val_score),
         "previous_version": str(holder.version) if holder else "none",
         "previous_score": _fmt(holder.val_score) if holder else "none",
-        "reason": reason or "", "forced": str(bool(force and why_not)).lower(),
+        "reason": reason or "", "forced": str(bool(force and why_not)).lower(), "metric": metric_name(candidate),
     }
     if force and why_not:
         record["overrode"] = why_not
@@ -226,13 +238,14 @@ def promote(
         client.set_model_version_tag(name, str(holder.version), f"{prefix}.replaced_by", str(candidate.version))
         client.set_model_version_tag(name, str(holder.version), f"{prefix}.replaced_at", at)
     forced = bool(force and why_not)
+    metric = metric_name(candidate)
     if holder is None:
-        message = (f"{name} version {candidate.version} is now {alias!r} (first holder, val "
-                   f"{candidate.val_metric} {_fmt(candidate.val_score)})")
+        message = (f"{name} version {candidate.version} is now {alias!r} (first holder, "
+                   f"{metric} {_fmt(candidate.val_score)})")
     elif forced:
         message = f"{name} version {candidate.version} forced to {alias!r} over version {holder.version}: {why_not}"
     else:
-        message = (f"{name} version {candidate.version} is now {alias!r}: val {candidate.val_metric} "
+        message = (f"{name} version {candidate.version} is now {alias!r}: {metric} "
                    f"{_fmt(candidate.val_score)} >= version {holder.version} {_fmt(holder.val_score)}")
     log.info(message)
     return PromotionResult(status="promoted", message=message, forced=forced, **common)

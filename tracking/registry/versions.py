@@ -8,10 +8,11 @@ or the four experts (MoE) in a single state dict; its files are :mod:`tracking.r
 
 This module registers a checkpoint (:func:`register_stage`) and reads versions back as
 :class:`ModelVersionInfo` (:func:`get_version_info`, :func:`list_versions`). Tags on a model version:
-``val_metric`` (``ssim`` | ``accuracy``), ``val_score``,
+``val_metric`` (the metric the stage selected its best checkpoint on: ``val/leaderboard``,
+``val_remasked/leaderboard``, ``val/accuracy``...; versions registered before: ``ssim`` | ``accuracy``), ``val_score``,
 ``data_fingerprint`` (digest of the validation split, from the run's ``data.val_fingerprint`` param, or of
 all its data, ``data.fingerprint``, for runs that lack it),
-``val_protocol`` (validation split, slice cap, whether the stage trained on it), ``stage``,
+``val_protocol`` (validation split, slice cap, whether the stage trained on it, the re-masking protocol), ``stage``,
 ``kind``, ``family``, ``epoch``, ``experts``, ``weights_digest`` (content hash of the tensors),
 ``weights_sha256`` (file hash), ``checkpoint`` (the file registered).
 
@@ -70,11 +71,11 @@ class ModelVersionInfo:
         version: version number.
         run_id: MLflow run that holds the artifacts (the stage's run, or a ``register-<stage>`` run).
         source: artifact URI of the version's folder.
-        val_metric: ``ssim`` or ``accuracy``.
+        val_metric: the selection metric, e.g. ``val/leaderboard`` (``ssim``/``accuracy`` on old versions).
         val_score: validation score of these weights (None if the version lacks the tag).
         data_fingerprint: digest of the stage's data, or ``unknown``.
         val_protocol: validation split, slice cap and whether the stage trained on that split, e.g.
-            ``split=val;max_slices=None;trained_on_val=False``.
+            ``split=val;max_slices=None;trained_on_val=False;remask=equispaced+random@2025/cf0.08``.
         stage, kind, family, epoch: from the checkpoint.
         experts: expert names (MoE), else empty.
         aliases: aliases pointing at this version.
@@ -108,7 +109,7 @@ class ModelVersionInfo:
 
     def __str__(self) -> str:
         score = f"{self.val_score:.4f}" if self.val_score is not None else "unknown"
-        return f"{self.name} version {self.version} (val {self.val_metric} {score}, {self.stage} epoch {self.epoch})"
+        return f"{self.name} version {self.version} ({self.val_metric} {score}, {self.stage} epoch {self.epoch})"
 
     @classmethod
     def from_mlflow(cls, mv: Any, aliases: tuple[str, ...] = ()) -> "ModelVersionInfo":
@@ -205,7 +206,7 @@ def _run_for(client, checkpoint: Checkpoint, stores: Stores, experiment: str) ->
     metric, score = validation_score(checkpoint)
     client.log_param(run.info.run_id, "epoch", checkpoint.epoch)
     if score is not None:
-        client.log_metric(run.info.run_id, f"val_{metric}", score)
+        client.log_metric(run.info.run_id, metric, score)
     client.set_terminated(run.info.run_id)
     return run.info.run_id, None
 
@@ -290,11 +291,11 @@ def register_stage(
         "checkpoint": checkpoint.source,
     }
     score_text = f"{score:.4f}" if score is not None else "unknown"
-    text = (f"{stage} epoch {checkpoint.epoch}: val {metric} {score_text}; {checkpoint.kind}"
+    text = (f"{stage} epoch {checkpoint.epoch}: {metric} {score_text}; {checkpoint.kind}"
             + (f" ({', '.join(experts)})" if experts else ""))
     mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags, description=text)
     client.set_tag(run_id, f"registry.{model_name}", str(mv.version))
-    log.info("registered %s version %s from %s (val %s %s)", model_name, mv.version, checkpoint.source, metric,
+    log.info("registered %s version %s from %s (%s %s)", model_name, mv.version, checkpoint.source, metric,
              score_text)
     return get_version_info(model_name, version=int(mv.version), stores=stores)
 

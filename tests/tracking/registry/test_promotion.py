@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from recon.engine.checkpoint import save_checkpoint
 from recon.errors import InputError
 from tests.tracking.registry.test_registry import cli_env, save_tiny_checkpoint
 from tracking.registry.promotion import promote
@@ -156,3 +158,51 @@ def test_refusal_reasons_name_what_differs() -> None:
     assert "trained_on_val=True" in refusal(_info(2, 0.99, protocol="split=val;trained_on_val=True"),
                                             _info(1, 0.9, protocol="split=val;trained_on_val=False"), "champion")
     assert "no validation score" in refusal(_info(2, None), holder, "champion")
+
+
+def _helper_checkpoint(path: Path, remasked: float, public: float, seed: int, *overrides: str) -> Path:
+    """A Helper best.pt whose config is the tiny Helper stage as resolved, selected on val_remasked/leaderboard."""
+    from recon.engine.stage import load_stage_config
+
+    tiny = Path(__file__).resolve().parents[3] / "experiments" / "tiny" / "helper_baseline.yaml"
+    _cfg, resolved = load_stage_config(tiny, list(overrides))
+    source = save_tiny_checkpoint(path, kind="baseline", family="helper", score=remasked, seed=seed,
+                                  stage=path.stem)
+    payload = torch.load(source, weights_only=True)
+    payload.update(config=resolved, best_metric_name="val_remasked/leaderboard",
+                   metrics={"val_remasked/leaderboard": remasked, "val/leaderboard": public})
+    return save_checkpoint(path, payload)
+
+
+def test_helper_promotion_is_gated_on_the_remasked_leaderboard(home: Path, stores: Stores) -> None:
+    """Higher val/leaderboard but lower val_remasked/leaderboard is refused; another re-mask protocol too."""
+    alias = "robust"
+    plan = {"held": (0.80, 0.85, ()), "public_better": (0.78, 0.95, ()), "robust_better": (0.82, 0.70, ()),
+            "other_masks": (0.99, 0.99, ("validation.remask.seed=7",))}
+    made = {}
+    for seed, (key, (remasked, public, extra)) in enumerate(plan.items()):
+        ckpt = _helper_checkpoint(home / "remask" / f"{key}.pt", remasked, public, 200 + seed, *extra)
+        made[key] = register_stage(ckpt, stores=stores, data_fingerprint=DATA)
+    held = made["held"]
+    assert held.val_metric == "val_remasked/leaderboard" and held.val_score == pytest.approx(0.80)
+    assert held.val_protocol.endswith(";remask=equispaced+random@2025/cf0.08")
+    assert promote(NAME, held.version, alias=alias, stores=stores).status == "promoted"
+
+    refused = promote(NAME, made["public_better"].version, alias=alias, stores=stores)
+    assert refused.status == "refused" and "val_remasked/leaderboard 0.7800 < robust" in refused.message
+    other = promote(NAME, made["other_masks"].version, alias=alias, stores=stores)
+    assert other.status == "refused" and "remask=equispaced+random@7/cf0.08" in other.message
+    assert _alias(stores, alias) == held.version
+
+    moved = promote(NAME, made["robust_better"].version, alias=alias, stores=stores)
+    assert moved.status == "promoted" and "val_remasked/leaderboard 0.8200 >= version" in moved.message
+    tags = get_version_info(NAME, made["robust_better"].version, stores=stores).tags
+    assert tags[f"promotion.{alias}.metric"] == "val_remasked/leaderboard"
+    assert _alias(stores, alias) == made["robust_better"].version
+
+
+def test_old_short_metric_tags_compare_as_full_names() -> None:
+    from tracking.registry.promotion import refusal
+
+    assert refusal(_info(2, 0.95, metric="val/ssim"), _info(1, 0.9, metric="ssim"), "champion") is None
+    assert "not comparable" in refusal(_info(2, 0.95, metric="val/leaderboard"), _info(1, 0.9), "champion")

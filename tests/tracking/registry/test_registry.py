@@ -94,9 +94,9 @@ def test_register_under_stage_run_and_load_in_fresh_process(tmp_path: Path, home
     assert info.source.startswith((home / "artifacts").resolve().as_uri())
     assert (info.name, info.run_id, info.kind, info.stage, info.epoch) == (
         "smartify-hacker", run_id, "moe", "hacker_moe", 4)
-    assert info.val_metric == "ssim" and info.val_score == pytest.approx(0.912)
+    assert info.val_metric == "val/ssim" and info.val_score == pytest.approx(0.912)
     assert info.data_fingerprint == "f" * 64
-    assert info.val_protocol == "split=val;max_slices=None;trained_on_val=False"
+    assert info.val_protocol == "split=val;max_slices=None;trained_on_val=False;remask=off"  # no validation.remask
     assert info.experts == EXPERTS
     assert info.tags["weights_digest"] == weights_digest(original["model"])
     client = make_client(stores)
@@ -158,7 +158,7 @@ def test_registration_without_run_is_idempotent(tmp_path: Path, stores: Stores) 
 def test_alias_uri_loads_and_classifier_name(tmp_path: Path, stores: Stores) -> None:
     ckpt = save_tiny_checkpoint(tmp_path / "cls.pt", kind="classifier", family=None, score=0.99, seed=1)
     info = register_stage(ckpt, stores=stores)
-    assert info.name == "smartify-classifier" and info.val_metric == "accuracy"
+    assert info.name == "smartify-classifier" and info.val_metric == "val/accuracy"
     make_client(stores).set_registered_model_alias(info.name, "champion", str(info.version))
 
     module, payload = load_version("models:/smartify-classifier@champion", stores=stores)
