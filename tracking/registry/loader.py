@@ -29,7 +29,7 @@ from recon.engine.checkpoint import PATH_KEY, Checkpoint, build_model, load_chec
 from recon.errors import InputError
 from tracking.registry.artifact import WEIGHTS_FILE, file_sha256
 from tracking.registry.versions import ModelVersionInfo, get_version_info
-from tracking.runs.stores import Stores, resolve_stores
+from tracking.runs.stores import Stores, make_client, resolve_stores
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,10 @@ def download_version(info: ModelVersionInfo, dst: str | Path, stores: Stores | N
 
     stores = stores or resolve_stores()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # the storage location: a version registered from models:/<model_id> names its logged model's artifacts
+    location = make_client(stores).get_model_version_download_uri(info.name, str(info.version))
     local = Path(mlflow.artifacts.download_artifacts(
-        artifact_uri=info.source, dst_path=str(dst), tracking_uri=stores.tracking_uri
+        artifact_uri=location, dst_path=str(dst), tracking_uri=stores.tracking_uri
     ))
     weights = local / WEIGHTS_FILE
     if not weights.is_file():
