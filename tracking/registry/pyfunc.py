@@ -19,8 +19,8 @@ Layouts (the signature; MLflow refuses other dtypes and ranks):
   ACS width detected from the mask, neighbours of a slice taken from the request and clamped at
   its edges as within a file).
 * Classifier, input ``image: float32 (S, H, W)`` (``image_grappa`` slices of one file); outputs
-  ``logits: float32 (S, 2)`` per slice ([brain, knee]) and ``anatomy: str (1,)``, the file's
-  decision (argmax of the summed logits, as ``smartify reconstruct`` decides it).
+  ``logits: float32 (2,)``, summed over the slices ([brain, knee]), and ``anatomy: str (1,)``, their
+  argmax: the file's decision, as ``smartify reconstruct`` makes it (:func:`recon.models.classifier.classify_volume`).
 
 :func:`write_model_files` writes the ``MLmodel`` (signature, input example, requirements) into a
 folder; :func:`log_version_model` makes an MLflow 3 logged model of a checkpoint, linked to its
@@ -43,8 +43,8 @@ from recon.engine.checkpoint import Checkpoint, build_model
 from recon.errors import InputError
 from recon.fft import center_crop
 from recon.inference.systems import ReconBatch, ReconSystem, adjacent_slices
-from recon.masks import infer_acc, public_mask
 from recon.data.names import expert_name
+from recon.masks import infer_acc, public_mask
 from tracking.registry.artifact import DESCRIPTION_FILE, WEIGHTS_FILE, export_version_files, file_sha256
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def signature(kind: str) -> Any:
     if kind == "classifier":
         return ModelSignature(
             inputs=Schema([TensorSpec(f32, (-1, -1, -1), "image")]),
-            outputs=Schema([TensorSpec(f32, (-1, 2), "logits"), TensorSpec(np.dtype(str), (1,), "anatomy")]),
+            outputs=Schema([TensorSpec(f32, (2,), "logits"), TensorSpec(np.dtype(str), (1,), "anatomy")]),
         )
     return ModelSignature(
         inputs=Schema([TensorSpec(f32, (-1, -1, -1, -1, 2), "kspace"), TensorSpec(f32, (-1,), "mask")]),
@@ -206,6 +206,42 @@ def register_logged_model(
     return mv
 
 
+def upgrade_version(info: Any, stores: Any) -> str:
+    """Add the ``MLmodel`` (and requirements, input example) to a version registered before pyfunc models.
+
+    The version's files stay as they are (MLflow cannot repoint a version); the ``MLmodel`` goes into
+    the same folder of its run, so ``mlflow.pyfunc.load_model`` and ``mlflow models serve`` find it.
+    ``weights.pt`` is checked against the version's ``weights_sha256`` tag and read with
+    ``weights_only=True`` first.
+
+    Args:
+        info: the version (:class:`tracking.registry.versions.ModelVersionInfo`).
+        stores: its tracking stores.
+
+    Returns:
+        What was done, one line.
+    """
+    from tracking.registry.loader import download_version
+    from tracking.runs.stores import make_client
+
+    client = make_client(stores)
+    if info.source.startswith("models:/"):
+        return f"{info.uri}: already an MLflow model ({info.source})"
+    run_uri = client.get_run(info.run_id).info.artifact_uri.rstrip("/") if info.run_id else ""
+    if not run_uri or not info.source.startswith(run_uri + "/"):
+        raise InputError(f"{info.uri}: source {info.source} is not inside its run's artifacts; re-register instead")
+    with tempfile.TemporaryDirectory(prefix="smartify-upgrade-") as tmp:
+        local = download_version(info, tmp, stores)
+        if (local / MLMODEL_FILE).is_file():
+            return f"{info.uri}: already has an {MLMODEL_FILE}"
+        checkpoint = Checkpoint.load(local / WEIGHTS_FILE)
+        build_model(checkpoint)
+        folder = Path(tmp) / "mlmodel"
+        write_model_files(folder, checkpoint.kind, file_sha256(local / WEIGHTS_FILE))
+        client.log_artifacts(info.run_id, str(folder), info.source[len(run_uri) + 1:])
+    return f"{info.uri}: added {MLMODEL_FILE} (pyfunc, loader {LOADER_MODULE}) to {info.source}"
+
+
 # --------------------------------------------------------------------------- loading (called by MLflow)
 def _checked_checkpoint(folder: Path) -> Checkpoint:
     """``weights.pt`` of a version folder, hash-checked and read with ``weights_only=True``."""
@@ -330,15 +366,14 @@ class ClassifierModel:
             params: unused.
 
         Returns:
-            ``{"logits": float32 (S, 2), "anatomy": array([decision])}``.
+            ``{"logits": float32 (2,), "anatomy": array([decision])}``: the logits summed over the
+            slices ([brain, knee]) and their argmax, as ``smartify reconstruct`` decides a file.
         """
-        from recon.models.classifier import CLASSES
+        from recon.models.classifier import classify_volume
 
         image = np.asarray(model_input["image"] if isinstance(model_input, dict) else model_input, np.float32)
         if image.ndim != 3 or image.shape[0] < 1 or not np.all(np.isfinite(image)):
             raise InputError(f"image must be finite float32 (S, H, W) with S >= 1, got shape {image.shape}")
         device = next(self.module.parameters()).device
-        logits = torch.cat([self.module(torch.from_numpy(image[i:i + 16])[:, None].to(device)).float().cpu()
-                            for i in range(0, image.shape[0], 16)])
-        anatomy = CLASSES[int(logits.sum(dim=0).argmax())]
+        anatomy, logits = classify_volume(self.module, torch.from_numpy(image)[:, None].to(device))
         return {"logits": logits.numpy().astype(np.float32), "anatomy": np.array([anatomy])}
