@@ -110,7 +110,10 @@ def run_serve(args: argparse.Namespace) -> int:
     stores = resolve_stores()
     uri = f"models:/{args.model}"
     info = get_version_info(uri, stores=stores)  # refuses an unknown name, alias or version
-    env = {**os.environ, "MLFLOW_TRACKING_URI": stores.tracking_uri, "MLFLOW_REGISTRY_URI": stores.registry_uri}
+    # mlflow runs `uvicorn` from PATH: this interpreter's scripts folder first
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": stores.tracking_uri, "MLFLOW_REGISTRY_URI": stores.registry_uri,
+           "PATH": path}
     print(f"serving {info} on http://127.0.0.1:{args.port}/invocations (Ctrl-C stops)", flush=True)
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
                "-h", "127.0.0.1", "-p", str(args.port)]

@@ -49,7 +49,10 @@ def _moe_checkpoint(path: Path, seed: int = 0) -> Path:
 
 def _env(home: Path) -> dict[str, str]:
     uri = f"sqlite:///{home / 'mlflow.db'}"
-    return {**cli_env(home), "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri}
+    env = cli_env(home)
+    # mlflow models serve runs `uvicorn` from PATH: this interpreter's scripts folder first
+    path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return {**env, "MLFLOW_TRACKING_URI": uri, "MLFLOW_REGISTRY_URI": uri, "PATH": path}
 
 
 def _folder(stores: Stores, name: str, version: int) -> Path:
@@ -223,9 +226,13 @@ def test_mlflow_models_serve_answers_with_the_reconstruction(home: Path, stores:
         with urllib.request.urlopen(post, timeout=120) as reply:
             answer = np.asarray(json.loads(reply.read())["predictions"], dtype=np.float32)
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        if not wait_gone(proc.pid, 30):
-            os.killpg(proc.pid, signal.SIGKILL)
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # the server's process group, by its PID
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            if wait_gone(proc.pid, 30):
+                break
         proc.wait(timeout=30)
         log.close()
     assert answer.shape == expected.shape
