@@ -15,6 +15,8 @@ EPILOG = """examples:
   smartify models list --name smartify-hacker --json
   smartify models register runs/hacker_moe
   smartify models register runs/helper_baseline/checkpoints/best.pt --name smartify-helper
+  smartify models serve smartify-hacker@champion --port 5001
+  smartify models upgrade smartify-hacker 3
 """
 
 _COLUMNS = ("NAME", "VERSION", "ALIASES", "METRIC", "SCORE", "STAGE", "EPOCH", "KIND", "DATA", "RUN", "CREATED")
@@ -44,6 +46,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p_reg.add_argument("--experiment", default="smartify",
                        help="experiment of the registration run when the checkpoint has none (default: smartify)")
     p_reg.set_defaults(func=run_register)
+    p_serve = sub.add_parser("serve", help="serve a version over HTTP on 127.0.0.1 (mlflow models serve)")
+    p_serve.add_argument("model", metavar="NAME@ALIAS", help="e.g. smartify-hacker@champion, or NAME/VERSION")
+    p_serve.add_argument("--port", type=int, default=5001, help="port on 127.0.0.1 (default: 5001)")
+    p_serve.set_defaults(func=run_serve)
+    p_up = sub.add_parser("upgrade", help="add the MLflow model (MLmodel, pyfunc) to a version registered before it")
+    p_up.add_argument("name", help="registered model name")
+    p_up.add_argument("version", help="version number")
+    p_up.set_defaults(func=run_upgrade)
 
 
 def _row(info) -> tuple[str, ...]:
@@ -84,4 +94,45 @@ def run_register(args: argparse.Namespace) -> int:
     info = register_stage(args.checkpoint, name=args.name, which=args.which,
                           data_fingerprint=args.data_fingerprint, experiment=args.experiment)
     print(f"{info.uri}: {info}")
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``smartify models serve``: ``mlflow models serve --env-manager local`` bound to 127.0.0.1."""
+    import os
+    import subprocess
+    import sys
+
+    from recon.errors import InputError
+    from tracking.registry.versions import get_version_info
+    from tracking.runs.stores import resolve_stores
+
+    if "@" not in args.model and "/" not in args.model:
+        raise InputError(f"model {args.model!r}: expected NAME@ALIAS or NAME/VERSION")
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port must be 1..65535, got {args.port}")
+    stores = resolve_stores()
+    uri = f"models:/{args.model}"
+    info = get_version_info(uri, stores=stores)  # refuses an unknown name, alias or version
+    # mlflow runs `uvicorn` from PATH: this interpreter's scripts folder first
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": stores.tracking_uri, "MLFLOW_REGISTRY_URI": stores.registry_uri,
+           "PATH": path}
+    print(f"serving {info} on http://127.0.0.1:{args.port}/invocations (Ctrl-C stops)", flush=True)
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local",
+               "-h", "127.0.0.1", "-p", str(args.port)]
+    try:
+        return subprocess.call(command, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def run_upgrade(args: argparse.Namespace) -> int:
+    """``smartify models upgrade``."""
+    from tracking.registry.pyfunc import upgrade_version
+    from tracking.registry.versions import get_version_info
+    from tracking.runs.stores import resolve_stores
+
+    stores = resolve_stores()
+    print(upgrade_version(get_version_info(args.name, version=args.version, stores=stores), stores))
     return 0

@@ -28,7 +28,7 @@ from torch import nn
 from recon.engine.checkpoint import PATH_KEY, Checkpoint, build_model, load_checkpoint
 from recon.errors import InputError
 from tracking.registry.artifact import WEIGHTS_FILE, file_sha256
-from tracking.registry.client import guarded
+from tracking.registry.client import guarded, registry_client
 from tracking.registry.versions import ModelVersionInfo, get_version_info
 from tracking.runs.stores import Stores, resolve_stores
 
@@ -50,8 +50,10 @@ def download_version(info: ModelVersionInfo, dst: str | Path, stores: Stores | N
 
     stores = stores or resolve_stores()
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # the storage location: a version registered from models:/<model_id> names its logged model's artifacts
+    location = registry_client(stores).get_model_version_download_uri(info.name, str(info.version))
     local = Path(guarded(stores, mlflow.artifacts.download_artifacts,
-                         artifact_uri=info.source, dst_path=str(dst), tracking_uri=stores.tracking_uri))
+                         artifact_uri=location, dst_path=str(dst), tracking_uri=stores.tracking_uri))
     weights = local / WEIGHTS_FILE
     if not weights.is_file():
         raise InputError(f"{info.uri}: {info.source} has no {WEIGHTS_FILE} (not a smartify registered version)")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import re
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,9 @@ from typing import Any
 from recon.engine.checkpoint import Checkpoint, build_model
 from recon.errors import InputError
 from recon.io import safe_component
-from tracking.registry.artifact import export_version_files, validation_protocol, validation_score, weights_digest
+from tracking.registry.artifact import validation_protocol, validation_score, weights_digest
 from tracking.registry.client import registry_client
+from tracking.registry.pyfunc import log_version_model, register_logged_model
 from tracking.runs.stores import Stores, get_or_create_experiment, redact_uri, resolve_stores
 
 log = logging.getLogger(__name__)
@@ -274,12 +274,8 @@ def register_stage(
     fingerprint = data_fingerprint or run_fingerprint or UNKNOWN
     metric, score = validation_score(checkpoint)
     stage = str(checkpoint.stage or "stage")
-    folder = f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', stage)}-e{checkpoint.epoch:03d}-{digest[:12]}"
-    artifact_path = f"registry/{model_name}/{folder}"
-    with tempfile.TemporaryDirectory(prefix="smartify-register-") as tmp:
-        description = export_version_files(checkpoint, tmp)
-        client.log_artifacts(run_id, tmp, artifact_path)
-    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    # the version's files are an MLflow 3 logged model of the run (MLmodel: pyfunc, smartify's loader)
+    model_id, _, description = log_version_model(client, checkpoint, run_id, model_name)
     experts = list(checkpoint.experts)
     tags = {
         "val_metric": metric, "val_score": repr(score) if score is not None else "None",
@@ -293,7 +289,7 @@ def register_stage(
     score_text = f"{score:.4f}" if score is not None else "unknown"
     text = (f"{stage} epoch {checkpoint.epoch}: {metric} {score_text}; {checkpoint.kind}"
             + (f" ({', '.join(experts)})" if experts else ""))
-    mv = client.create_model_version(model_name, source=source, run_id=run_id, tags=tags, description=text)
+    mv = register_logged_model(client, model_name, model_id, run_id, tags, text)
     client.set_tag(run_id, f"registry.{model_name}", str(mv.version))
     log.info("registered %s version %s from %s (%s %s)", model_name, mv.version, checkpoint.source, metric,
              score_text)

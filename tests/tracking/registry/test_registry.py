@@ -75,6 +75,12 @@ def cli_env(home: Path) -> dict[str, str]:
 
 
 
+def _version_folder(stores: Stores, info) -> Path:
+    """The local folder that holds a version's files (its download URI, a file URI in these tests)."""
+    uri = make_client(stores).get_model_version_download_uri(info.name, str(info.version))
+    return Path(uri.removeprefix("file://"))
+
+
 def _stage_run(stores: Stores, fingerprint: str) -> str:
     """A run as the training callback leaves it: param data.fingerprint."""
     client = make_client(stores)
@@ -91,7 +97,9 @@ def test_register_under_stage_run_and_load_in_fresh_process(tmp_path: Path, home
 
     info = register_stage(tmp_path / "hacker_moe", stores=stores)  # a stage folder resolves to best.pt
 
-    assert info.source.startswith((home / "artifacts").resolve().as_uri())
+    assert info.source.startswith("models:/m-")  # an MLflow 3 logged model of the stage run
+    folder = _version_folder(stores, info)
+    assert folder.is_relative_to((home / "artifacts").resolve())
     assert (info.name, info.run_id, info.kind, info.stage, info.epoch) == (
         "smartify-hacker", run_id, "moe", "hacker_moe", 4)
     assert info.val_metric == "val/ssim" and info.val_score == pytest.approx(0.912)
@@ -102,9 +110,9 @@ def test_register_under_stage_run_and_load_in_fresh_process(tmp_path: Path, home
     client = make_client(stores)
     assert client.get_run(run_id).data.tags["registry.smartify-hacker"] == str(info.version)
     # the stored files: stripped of optimizer and RNG state, readable with weights_only=True
-    files = sorted(p.name for p in Path(info.source.removeprefix("file://")).iterdir())
-    assert files == ["config.yaml", "model_config.json", "smartify-model.json", WEIGHTS_FILE]
-    stored = torch.load(Path(info.source.removeprefix("file://")) / WEIGHTS_FILE, weights_only=True)
+    files = {p.name for p in folder.iterdir()}
+    assert {"config.yaml", "model_config.json", "smartify-model.json", WEIGHTS_FILE, "MLmodel"} <= files
+    stored = torch.load(folder / WEIGHTS_FILE, weights_only=True)
     assert stored["optimizer"] is None and "rng" not in stored
     assert stored["config"] == original["config"]
 
@@ -186,7 +194,7 @@ def test_corrupt_copy_and_mismatched_config_are_refused(tmp_path: Path, stores: 
     ckpt = save_tiny_checkpoint(tmp_path / "best.pt", kind="baseline", family="hacker", seed=7,
                                 stage="hacker_baseline")
     info = register_stage(ckpt, stores=stores)
-    weights = Path(info.source.removeprefix("file://")) / WEIGHTS_FILE
+    weights = _version_folder(stores, info) / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
     with pytest.raises(InputError, match="weights_sha256"):
         load_version(info.uri, stores=stores)
