@@ -351,6 +351,38 @@ def _expand_model_preset(data: dict[str, Any], sources: dict[str, str]) -> dict[
     return data
 
 
+#: keys renamed since a configuration was stored in a checkpoint: old dotted key -> new
+RENAMED_KEYS = {"mraugment.strength": "mraugment.magnitude"}
+#: settings added since, with the value that reproduces what a stage stored without them ran with
+ADDED_DEFAULTS = {"classifier.loss": "ce", "classifier.select": "val_accuracy"}
+
+
+def upgrade_stored_config(data: dict[str, Any]) -> dict[str, Any]:
+    """A configuration stored by an earlier smartify (a checkpoint's), in today's keys, meaning what it ran.
+
+    Renamed keys (:data:`RENAMED_KEYS`) take their new name; a setting added since (:data:`ADDED_DEFAULTS`)
+    takes the value that reproduces the old behaviour, so ``--resume`` of an old checkpoint continues the
+    stage as it was trained. A configuration written by this version passes unchanged.
+
+    Args:
+        data: the stored, fully resolved configuration (not modified).
+
+    Returns:
+        A deep copy in today's keys.
+    """
+    raw = copy.deepcopy(data)
+    for old, new in RENAMED_KEYS.items():
+        (osec, okey), (nsec, nkey) = old.split(".", 1), new.split(".", 1)
+        section = raw.get(osec)
+        if isinstance(section, dict) and okey in section:
+            raw.setdefault(nsec, {})[nkey] = section.pop(okey)
+    for dotted, value in ADDED_DEFAULTS.items():
+        sec, key = dotted.split(".", 1)
+        if isinstance(raw.get(sec), dict) and key not in raw[sec]:
+            raw[sec][key] = value
+    return raw
+
+
 def load_stage_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
@@ -373,7 +405,7 @@ def load_stage_config(
     """
     sources: dict[str, str] = {}
     if data is not None:
-        raw = copy.deepcopy(data)
+        raw = upgrade_stored_config(data)
         record_sources(raw, GIVEN_SOURCE, sources)
     else:
         raw = load_yaml_layers(path, sources=sources)

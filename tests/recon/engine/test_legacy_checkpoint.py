@@ -47,3 +47,16 @@ def test_old_checkpoint_resumes_exactly(tiny_data: Path, tmp_path: Path) -> None
     for key, value in expected.items():
         if not key.startswith(UNSTABLE):
             assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_a_stored_configuration_is_upgraded_to_what_it_ran_with() -> None:
+    """Renamed keys take their new name; settings added since keep the behaviour the old stage had."""
+    from recon.engine.stage import upgrade_stored_config
+
+    stored = {"mraugment": {"strength": 1.5, "enabled": True}, "classifier": {"epochs": 3}}
+    upgraded = upgrade_stored_config(stored)
+    assert upgraded["mraugment"] == {"enabled": True, "magnitude": 1.5}
+    assert upgraded["classifier"] == {"epochs": 3, "loss": "ce", "select": "val_accuracy"}
+    assert stored["mraugment"] == {"strength": 1.5, "enabled": True}  # the input is not modified
+    today = {"mraugment": {"magnitude": 1.0}, "classifier": {"loss": "bce", "select": "val_loss"}}
+    assert upgrade_stored_config(today) == today
