@@ -55,8 +55,9 @@ class _Reporter(Callback):
 
     def on_epoch_end(self, event: EpochEnd) -> None:
         if self.metric not in event.metrics:
-            raise InputError(f"metric {self.metric!r} is not reported by the stage (have: "
-                             f"{', '.join(sorted(event.metrics)[:12])}...)")
+            group = self.metric.split("/", 1)[0] + "/"
+            have = sorted(k for k in event.metrics if k.startswith(group)) or sorted(event.metrics)
+            raise InputError(f"metric {self.metric!r} is not reported by the stage (it reports: {', '.join(have)})")
         value = float(event.metrics[self.metric])
         if not math.isfinite(value):
             raise DivergenceError(Divergence(event.epoch, -1, f"non-finite {self.metric}", value))
