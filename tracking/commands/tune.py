@@ -19,6 +19,19 @@ EPILOG = """examples:
   smartify tune experiments/tune.yaml --storage postgresql://user@db/optuna --study pmr   # on each machine
   optuna-dashboard sqlite:///mlruns/optuna.db                           # watch the study live
   smartify tune experiments/tiny/tune.yaml --trials 3 --study aug --print-config   # what the study run logs
+  smartify tune experiments/tune_moe_aug.yaml --trials 10    # again later: 10 more trials in the same study
+  smartify tune --report hacker-moe-aug [--storage URL]      # figures, table, overlay from storage; no training
+
+the two studies:
+  tune_moe_aug.yaml: short MoE stages from the baseline checkpoint (init_from), the p_aug ramp compressed
+  into the trial (compress_schedule), searching p_max, the magnitude and the per-anatomy limits; objective
+  val/leaderboard (tune_moe_aug_helper.yaml: the Helper's). tune_model.yaml: the channel-attention reduction
+  and widths on the baseline under the 8 GiB budget.
+
+growing a study:
+  A study is named by --study (else the file's study or name) and keeps its definition in the storage. The
+  same command again adds --trials N trials to it; a tune file whose space or metric changed is refused
+  with the dimension that changed, unless a new --study name is given.
 
 what a trial does:
   It samples the tune file's space, builds the base stage (+ fixed, trial_only, --set, the sampled values),
@@ -44,7 +57,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="tune augmentation and model size with Optuna under a memory budget",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Run (or join) an Optuna study over a training stage.")
-    p.add_argument("config", help="tune YAML file (experiments/tune.yaml)")
+    p.add_argument("config", nargs="?", help="tune YAML file (experiments/tune_moe_aug.yaml); not with --report")
+    p.add_argument("--report", metavar="STUDY",
+                   help="re-draw the figures, trial table and overlay of a stored study from --storage, without "
+                        "training (--output-dir: where; default the study's trial folder)")
     p.add_argument("--trials", type=int, default=None, metavar="N",
                    help="trials this command runs (default: n_trials of the tune file; 0: only report)")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="start no trial after S seconds")
@@ -115,12 +131,36 @@ def _print_result(result) -> None:
         print(f"figure {name}: {path}")
 
 
+def _report(args: argparse.Namespace) -> int:
+    """``--report STUDY``: the study's figures, table and overlay from the storage alone."""
+    from recon.io import safe_component
+    from tracking.runs.stores import default_optuna_storage
+    from tracking.tune.config import check_storage_url
+    from tracking.tune.stored import report_study
+
+    if args.config is not None:
+        print(f"smartify tune: error: --report {args.report} reads the study from storage; drop the tune file "
+              f"{args.config}", file=sys.stderr)
+        return 2
+    name = safe_component(args.report, "--report")
+    url = check_storage_url(args.storage) if args.storage else default_optuna_storage()
+    result = report_study(name, url, Path(args.output_dir) if args.output_dir else None,
+                          Path(args.overlay_dir) if args.overlay_dir else None)
+    _print_result(result)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """Run (or join) the study; with ``--print-config`` print its effective configuration and exit."""
     from recon.config import to_dict
     from tracking.train import config_text
     from tracking.tune.study import TuneOptions, finish, prepare, resolved_tune, run_tune
 
+    if args.report is not None:
+        return _report(args)
+    if args.config is None:
+        print("smartify tune: error: give a tune file (or --report STUDY)", file=sys.stderr)
+        return 2
     if args.workers < 1:
         print("smartify tune: error: --workers must be >= 1", file=sys.stderr)
         return 2

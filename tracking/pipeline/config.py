@@ -31,7 +31,10 @@ class Step:
         name: step name (also the output folder and the MLflow run name).
         train: stage YAML to train.
         set: extra ``dotted.key=value`` overrides for the stage (or the tune base stage).
-        init_from: an earlier step's name (its checkpoints) or a path.
+        init_from: an earlier train step's name (its checkpoints) or a path; on a tune step, the checkpoint
+            every trial starts from (replaces the tune file's ``init_from``).
+        overlay_from: an earlier tune step: its best trial's overlay is applied to this train step's stage
+            (after the stage file, before ``set``).
         register: register the stage's best model in the Model Registry.
         tune: tune YAML to run (``trials`` trials).
         trials: trials of a tune step.
@@ -44,6 +47,7 @@ class Step:
     train: str | None = None
     set: tuple[str, ...] = ()
     init_from: str | None = None
+    overlay_from: str | None = None
     register: bool = False
     tune: str | None = None
     trials: int = 2
@@ -56,6 +60,8 @@ class Step:
         actions = [a for a in ("train", "tune", "promote") if getattr(self, a)] + (["submit"] if self.submit else [])
         if len(actions) != 1:
             raise InputError(f"step {self.name!r}: expected exactly one of train, tune, promote, submit; got {actions}")
+        if self.overlay_from is not None and not self.train:
+            raise InputError(f"step {self.name!r}: overlay_from applies to a train step")
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,11 @@ class PipelineConfig:
         names = [s.name for s in self.steps]
         if len(set(names)) != len(names):
             raise InputError(f"pipeline {self.name!r}: step names must be unique, got {names}")
+        for i, step in enumerate(self.steps):
+            tunes = [s.name for s in self.steps[:i] if s.tune]
+            if step.overlay_from is not None and step.overlay_from not in tunes:
+                raise InputError(f"step {step.name!r}: overlay_from {step.overlay_from!r} is not an earlier tune "
+                                 f"step (earlier tune steps: {', '.join(tunes) or 'none'})")
         if self.synth is None and self.data_root is None:
             raise InputError(f"pipeline {self.name!r}: set data_root or synth")
 

@@ -8,13 +8,16 @@ A pipeline file (``experiments/pipeline.yaml``, ``experiments/demo.yaml``) is da
     data_root: null                 # or an existing data set (real challenge data)
     steps:
       - {name: hacker_baseline, train: tiny/hacker_baseline.yaml}
-      - {name: hacker_moe, train: tiny/hacker_moe.yaml, init_from: hacker_baseline, register: true}
-      - {name: tune, tune: tiny/tune.yaml, trials: 2}
+      - {name: tune_moe_aug, tune: tiny/tune_moe_aug.yaml, init_from: hacker_baseline, trials: 2}
+      - {name: hacker_moe, train: tiny/hacker_moe.yaml, init_from: hacker_baseline, overlay_from: tune_moe_aug,
+         register: true}
       - {name: promote_hacker, promote: hacker_moe}
       - {name: submit, submit: true}
 
 Stage and tune paths are relative to the pipeline file. ``init_from`` and ``promote`` name earlier
-steps. Promotion is gated (a refusal is reported, not forced); the submission uses the registry's
+steps (a tune step's ``init_from`` is the checkpoint its trials start from); ``overlay_from`` names an
+earlier tune step whose best trial's values the stage trains with (:mod:`tracking.pipeline.overlay`).
+Promotion is gated (a refusal is reported, not forced); the submission uses the registry's
 ``champion`` aliases.
 
 Records: every step's run (stage, study, promotion decision, submission) nests under one parent MLflow
@@ -50,6 +53,7 @@ from recon.config import dump_yaml, to_dict
 from recon.engine.stage import StageConfig
 from recon.errors import InputError
 from tracking.pipeline.config import DATA_FOLDER, PipelineConfig, Step, choose_workdir
+from tracking.pipeline.overlay import TunedFrom, link_study_run, overlay_items, overrides_of
 from tracking.pipeline.summary import PipelineResult, StepResult, format_steps_markdown, format_summary, score_metrics
 from tracking.runs.params import param_value
 from tracking.runs.parent import parent_run
@@ -90,6 +94,7 @@ class PipelineRunner:
         self.data_root = Path(cfg.data_root) if cfg.data_root else Path(cfg.workdir) / DATA_FOLDER
         self.outputs: dict[str, Path] = {}
         self.versions: dict[str, Any] = {}
+        self.tunes: dict[str, Any] = {}  # tune step -> its TuneResult
 
     @property
     def stores(self) -> Stores:
@@ -99,11 +104,38 @@ class PipelineRunner:
         return self._stores
 
     # ----------------------------------------------------------------- configurations
-    def _stage_overrides(self, step: Step) -> list[str]:
-        over = [f"data.root={self.data_root}", f"output.dir={self.workdir / step.name}", f"stage.name={step.name}"]
+    def _stage_overrides(self, step: Step, planned: bool = False) -> list[str]:
+        """The step's overrides: the tuned overlay's items, the pipeline's own keys, then ``set``."""
+        tuned = self.tuned_from(step, planned)
+        over = overrides_of(tuned.items) if tuned is not None else []
+        over += [f"data.root={self.data_root}", f"output.dir={self.workdir / step.name}", f"stage.name={step.name}"]
         if self.device:
             over.append(f"train.device={self.device}")
         return over + list(step.set)
+
+    def tuned_from(self, step: Step, planned: bool = False) -> TunedFrom | None:
+        """The overlay ``step.overlay_from`` names, once its tune step ran (None without ``overlay_from``).
+
+        Args:
+            step: a train step.
+            planned: before running (``--print-config``): None when the tune step has not written its overlay.
+
+        Raises:
+            InputError: the tune step completed no trial (so it wrote no overlay).
+        """
+        ref = step.overlay_from
+        if ref is None:
+            return None
+        result = self.tunes.get(ref)
+        if result is None:
+            if planned:
+                return None
+            raise InputError(f"step {step.name!r}: overlay_from {ref!r}: that tune step has not run")
+        if result.overlay is None or result.best_trial is None:
+            raise InputError(f"step {step.name!r}: overlay_from {ref!r}: study {result.study} completed no trial, "
+                             "so there is no overlay to train with")
+        return TunedFrom(ref, result.study, int(result.best_trial), Path(result.overlay), result.run_id,
+                         overlay_items(Path(result.overlay)))
 
     def _resolve_init(self, step: Step, planned: bool = False) -> str | None:
         """The folder ``step.init_from`` means: an earlier train step's output folder, or an existing path.
@@ -139,11 +171,11 @@ class PipelineRunner:
         Returns:
             The typed configuration and the resolved form the stage run logs and checkpoints.
         """
-        stage = load_stage(self.base_dir / str(step.train), self._stage_overrides(step))
+        stage = load_stage(self.base_dir / str(step.train), self._stage_overrides(step, planned))
         return effective_stage(stage, self._resolve_init(step, planned))
 
-    def tune_options(self, step: Step, parent_id: str | None) -> Any:
-        """The :class:`tracking.tune.study.TuneOptions` of a tune step."""
+    def tune_options(self, step: Step, parent_id: str | None, planned: bool = False) -> Any:
+        """The :class:`tracking.tune.study.TuneOptions` of a tune step (its ``init_from`` resolved)."""
         from tracking.tune.study import TuneOptions
 
         over = [f"data.root={self.data_root}"] + ([f"train.device={self.device}"] if self.device else [])
@@ -151,7 +183,7 @@ class PipelineRunner:
             tune_file=self.base_dir / str(step.tune), trials=step.trials, overrides=over + list(step.set),
             study=f"{self.cfg.name}-{step.name}", overlay_dir=self.workdir / step.name,
             output_dir=self.workdir / step.name / "trials", experiment=self.cfg.experiment,
-            parent_run_id=parent_id,
+            parent_run_id=parent_id, init_from=self._resolve_init(step, planned),
         )
 
     def resolved(self) -> dict[str, Any]:
@@ -173,28 +205,39 @@ class PipelineRunner:
         docs = [(f"pipeline {self.cfg.name} (the parent run's pipeline.yaml)", self.resolved())]
         for step in self.cfg.steps:
             if step.train:
-                docs.append((f"step {step.name}: train {self.base_dir / step.train} (the stage run's config.yaml)",
-                             self.stage_config(step, planned=True)[1]))
+                note = f"; the best trial of {step.overlay_from} is applied when it has run" \
+                    if step.overlay_from else ""
+                docs.append((f"step {step.name}: train {self.base_dir / step.train} (the stage run's config.yaml"
+                             f"{note})", self.stage_config(step, planned=True)[1]))
             elif step.tune:
                 docs.append((f"step {step.name}: tune {self.base_dir / step.tune} (the study run's tune.* params)",
-                             resolved_tune(self.tune_options(step, None))))
+                             resolved_tune(self.tune_options(step, None, planned=True))))
         return docs
 
     # ----------------------------------------------------------------- steps
     def train(self, step: Step, parent_id: str) -> StepResult:
         """One tracked stage nested under the pipeline run (:func:`tracking.train.run_tracked_stage`)."""
+        tuned = self.tuned_from(step)
         tags = {"smartify.pipeline": self.cfg.name, **provenance_tags(self.base_dir / str(step.train),
                                                                        self._stage_overrides(step), None)}
+        if tuned is not None:
+            tags.update(tuned.tags())
         tracking = StageTracking(self.cfg.experiment, parent_run_id=parent_id, run_name=step.name, extra_tags=tags)
         outcome = run_tracked_stage(stage=self.stage_config(step), tracking=tracking, stores=self.stores,
                                     register=step.register, register_experiment=self.cfg.experiment,
                                     overwrite=self.overwrite)
+        if tuned is not None and outcome.run_id:
+            writer = TrackingWriter(self.stores)
+            writer.log_batch(outcome.run_id, params=tuned.params())
+            if tuned.run_id:
+                link_study_run(writer, tuned.run_id, outcome.run_id)
+            writer.flush()
         if outcome.status == "diverged":
             return StepResult(step.name, "train", "diverged", outcome.seconds, detail=outcome.error,
                               run_id=outcome.run_id)
         self.outputs[step.name] = outcome.output_dir
         result = StepResult(step.name, "train", outcome.status, outcome.seconds, outcome.best_metric,
-                            run_id=outcome.run_id)
+                            run_id=outcome.run_id, detail=f"tuned: {tuned.describe()}" if tuned else "")
         if outcome.version is not None:
             self.versions[step.name] = outcome.version
             result.version = f"{outcome.version.name} v{outcome.version.version}"
@@ -206,12 +249,15 @@ class PipelineRunner:
 
         t0 = time.perf_counter()
         result = run_tune(self.tune_options(step, parent_id))
+        if result is not None:
+            self.tunes[step.name] = result
         summary = result.summary if result is not None else {}
         counts = ", ".join(f"{k.split('/', 1)[1]} {int(v)}" for k, v in sorted(summary.items())
                            if k.startswith(("trials/", "pruned/")) and v)
+        best = f"; best trial {result.best_trial}" if result is not None and result.best_trial is not None else ""
         return StepResult(step.name, "tune", "finished", time.perf_counter() - t0, summary.get("best_value"),
-                          detail=f"study {result.study if result else '?'}: {counts}",
-                          run_id=result.run_id if result else None)
+                          detail=f"study {result.study if result else '?'}: {counts}{best}",
+                          run_id=result.run_id if result else None, table=result.table if result else "")
 
     def promote(self, step: Step, parent_id: str) -> StepResult:
         """Gated promotion of the version an earlier step registered (a refusal is a result, not an error).

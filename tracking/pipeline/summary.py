@@ -9,7 +9,7 @@ from typing import Any
 
 @dataclass
 class StepResult:
-    """What a step did, for the summary table."""
+    """What a step did, for the summary table (``table``: a tune step's trial table)."""
 
     name: str
     action: str
@@ -19,6 +19,7 @@ class StepResult:
     detail: str = ""
     run_id: str | None = None
     version: str | None = None
+    table: str = ""
 
 
 @dataclass
@@ -76,6 +77,13 @@ def format_summary(result: PipelineResult) -> str:
         score = f"{s.score:.4f}" if isinstance(s.score, float) else "-"
         detail = s.version or s.detail or (f"run {s.run_id}" if s.run_id else "")
         lines.append(f"{s.name:<20} {s.action:<8} {s.status:<10} {score:>8} {s.seconds:>8.1f}  {detail}")
+    for s in result.steps:  # each study's trials, then the values that reached the stages
+        if s.table:
+            lines += ["", f"trials of {s.name} ({s.detail}):", *[f"  {row}" for row in s.table.splitlines()]]
+    tuned = [s for s in result.steps if s.action == "train" and s.detail.startswith("tuned: ")]
+    if tuned:
+        lines += ["", "tuned values used:"]
+        lines += [f"  {s.name} <- {s.detail[len('tuned: '):]}" for s in tuned]
     sub = result.submission or {}
     evaluation = sub.get("evaluation") or {}
     if evaluation:

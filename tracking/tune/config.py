@@ -3,8 +3,11 @@
 A tune file (``experiments/tune.yaml``) is YAML read into :class:`TuneConfig` with the strict loader of
 :mod:`recon.config` (unknown keys and wrong types are refused with their key path)::
 
-    base: hacker_baseline.yaml        # stage YAML, relative to the tune file
+    base: hacker_moe.yaml             # stage YAML, relative to the tune file
+    init_from: runs/hacker_baseline   # every trial starts from this checkpoint (weights only)
     epochs_per_trial: 5
+    compress_schedule: true           # the stage's p_aug ramp squeezed into the trial's epochs
+    metric: val/leaderboard
     memory_budget: 8GiB               # or 8GB, 512MiB, a byte count, or "none"
     fixed:                            # the setting tuned under; carried into the overlay
       mraugment.enabled: true
@@ -31,6 +34,8 @@ from recon.io import safe_component
 
 #: keys a trial sets itself; a search space or ``fixed`` block may not touch them
 TRIAL_KEYS = ("train.epochs", "train.start_epoch", "output.dir", "seed", "model.seed", "init_from")
+#: keys a trial also sets with ``compress_schedule``
+SCHEDULE_KEYS = ("p_aug.start", "p_aug.plateau")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
@@ -212,9 +217,17 @@ class TuneConfig:
         n_trials: trials per invocation unless ``--trials`` says otherwise.
         epochs_per_trial: epochs a trial trains, from the base stage's ``train.start_epoch``.
         init_from: a checkpoint (file or stage folder) every trial starts from; None trains from scratch.
-            Keys that change the architecture (``model.*``) cannot be tuned then.
+            Keys that change the architecture (``model.*``) cannot be tuned then. A pipeline's tune step
+            replaces it with its own ``init_from``.
+        compress_schedule: squeeze the base stage's MRAugment probability schedule (``p_aug``, in absolute
+            epochs: the team's ramp from 33 to its plateau at 50) into the trial: ``p_aug.start`` becomes the
+            trial's first epoch and ``p_aug.plateau`` its last, so p rises from 0 to ``p_max`` inside the
+            trial with the stage's shape (``kind``, ``decay``). Needs ``epochs_per_trial >= 2`` and a base
+            ``p_aug.kind`` of ``exp`` or ``ramp``.
         direction: ``maximize`` or ``minimize`` the metric.
-        metric: the per-epoch validation metric reported to the pruner; the trial's value is its best epoch.
+        metric: the per-epoch validation metric reported to the pruner; the trial's value is its best epoch
+            (``val/leaderboard``: the challenge score on the public masks; ``val_remasked/leaderboard`` for the
+            Helper family).
         memory_budget: the GPU memory a trial may use (``8GiB``; ``none``: no check).
         probe_input: the input size the memory probe uses.
         probe_device: ``auto`` (the training device), ``cpu`` (meta-device estimate) or ``cuda`` (measured step).
@@ -239,8 +252,9 @@ class TuneConfig:
     n_trials: int = 20
     epochs_per_trial: int = 3
     init_from: str | None = None
+    compress_schedule: bool = False
     direction: Literal["maximize", "minimize"] = "maximize"
-    metric: str = "val/ssim"
+    metric: str = "val/leaderboard"
     memory_budget: str | int | None = "8GiB"
     probe_input: ProbeInputConfig = field(default_factory=ProbeInputConfig)
     probe_device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -260,10 +274,13 @@ class TuneConfig:
             raise ValueError("expected epochs_per_trial >= 1, n_trials >= 0 and seed >= 0")
         if not self.space:
             raise ValueError("space: expected at least one dimension")
+        owned = TRIAL_KEYS + (SCHEDULE_KEYS if self.compress_schedule else ())
         for section in ("space", "fixed"):
             for key in getattr(self, section):
-                if key in TRIAL_KEYS:
+                if key in owned:
                     raise ValueError(f"{section}.{key}: set by each trial itself; cannot be {section}")
+        if self.compress_schedule and self.epochs_per_trial < 2:
+            raise ValueError("compress_schedule: needs epochs_per_trial >= 2 (a ramp from 0 to p_max)")
         both = sorted(set(self.space) & (set(self.fixed) | set(self.trial_only)))
         if both:
             raise ValueError(f"space.{both[0]}: also set in fixed/trial_only")

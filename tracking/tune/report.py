@@ -19,7 +19,7 @@ import os
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -28,7 +28,7 @@ from recon.config import deep_merge, dump_yaml
 from recon.io import atomic_path, write_text_atomic
 from tracking.tune.memory import format_bytes
 from tracking.tune.oom import PRUNE_REASON
-from tracking.tune.space import SearchSpace, StageLayers, nest
+from tracking.tune.space import nest
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,15 @@ MIN_TRIALS_FOR_IMPORTANCE = 5
 IMPORTANCE_NOTE = "param_importances_note"
 
 
-def trial_rows(study: optuna.Study, space: SearchSpace) -> list[dict[str, Any]]:
+class Decoder(Protocol):
+    """Turns a trial's Optuna params into stage values (a :class:`tracking.tune.space.SearchSpace`, or the
+    space as the storage holds it, :class:`tracking.tune.stored.StoredSpace`)."""
+
+    def decode(self, params: Mapping[str, Any]) -> dict[str, Any]:  # noqa: D102
+        ...
+
+
+def trial_rows(study: optuna.Study, space: Decoder) -> list[dict[str, Any]]:
     """One row per trial: number, state, value, prune reason, seconds, predicted memory and params."""
     rows = []
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
@@ -159,18 +167,27 @@ def plot_study(study: optuna.Study, folder: Path, importance: str = "auto", seed
     return out
 
 
-def write_overlay(path: Path, layers: StageLayers, best: FrozenTrial, space: SearchSpace, study: str,
-                  metric: str) -> Path:
+def write_overlay(path: Path, base_path: Path, fixed: Mapping[str, Any], best: FrozenTrial, space: Decoder,
+                  study: str, metric: str) -> Path:
     """Write the best trial's values as a stage overlay that ``smartify train`` runs directly.
 
     The file inherits the base stage (relative path), sets the tune file's ``fixed`` keys and the tuned keys, and
     sends outputs to ``runs/tuned/<study>/{stage}`` so the base stage's own runs are not overwritten.
 
+    Args:
+        path: the overlay file.
+        base_path: the base stage YAML.
+        fixed: the tune file's ``fixed`` items (dotted keys).
+        best: the best trial.
+        space: decodes the trial's params.
+        study: the study name.
+        metric: the objective's name.
+
     Returns:
         The path written (atomically).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    base, folder = layers.base_path.resolve(), path.parent.resolve()
+    base, folder = Path(base_path).resolve(), path.parent.resolve()
     # relative inside one tree (experiments/tuned -> ../hacker_baseline.yaml), absolute across unrelated folders
     try:
         shared = Path(os.path.commonpath([base, folder]))
@@ -178,7 +195,7 @@ def write_overlay(path: Path, layers: StageLayers, best: FrozenTrial, space: Sea
         shared = Path(base.anchor)
     inherit = os.path.relpath(base, folder) if shared != Path(shared.anchor) else str(base)
     values = space.decode(best.params)
-    body = deep_merge(nest(layers.fixed), nest(values))
+    body = deep_merge(nest(dict(fixed)), nest(values))
     body = {"inherit": inherit, **body, "output": {"dir": f"runs/tuned/{study}/{{stage}}"}}
     header = (f"# Tuned by `smartify tune` (study {study}): best trial {best.number}, {metric} = {best.value:.6g}.\n"
               f"# Written {datetime.now(timezone.utc).isoformat(timespec='seconds')}. Train with:\n"

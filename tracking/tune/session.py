@@ -36,7 +36,7 @@ from recon.seeding import derive_seed
 from tracking.tune.config import TuneConfig
 from tracking.tune.memory import MemoryPrediction, MemoryPredictor, ProbeInput, release_memory
 from tracking.tune.oom import CATCH, guard_objective
-from tracking.tune.space import SearchSpace, StageLayers
+from tracking.tune.space import SearchSpace, StageLayers, compressed_schedule
 from tracking.train import run_tracked_stage
 from tracking.tune.study_runs import StudyTracker
 
@@ -55,8 +55,9 @@ class _Reporter(Callback):
 
     def on_epoch_end(self, event: EpochEnd) -> None:
         if self.metric not in event.metrics:
-            raise InputError(f"metric {self.metric!r} is not reported by the stage (have: "
-                             f"{', '.join(sorted(event.metrics)[:12])}...)")
+            group = self.metric.split("/", 1)[0] + "/"
+            have = sorted(k for k in event.metrics if k.startswith(group)) or sorted(event.metrics)
+            raise InputError(f"metric {self.metric!r} is not reported by the stage (it reports: {', '.join(have)})")
         value = float(event.metrics[self.metric])
         if not math.isfinite(value):
             raise DivergenceError(Divergence(event.epoch, -1, f"non-finite {self.metric}", value))
@@ -109,7 +110,7 @@ class TuneSession:
         return self.output_root / f"trial_{number:04d}"
 
     def trial_stage(self, trial: optuna.trial.Trial) -> tuple[StageConfig, dict[str, Any], dict[str, Any]]:
-        """The trial's stage: sampled values, then its epochs, folder, start point and seeds.
+        """The trial's stage: sampled values, then its epochs, folder, start point, seeds and p_aug ramp.
 
         Returns:
             ``(config, resolved config, sampled values by dotted key)``.
@@ -124,6 +125,8 @@ class TuneSession:
             ("output.dir", str(self.trial_dir(trial.number))),
             ("init_from", self.cfg.init_from),
         ]
+        if self.cfg.compress_schedule:
+            items += compressed_schedule(self.start_epoch, self.cfg.epochs_per_trial)
         if self.cfg.seed_per_trial:
             items += [("seed", derive_seed(self.cfg.seed, "trial", int(origin), "stage") % 2**31),
                       ("model.seed", derive_seed(self.cfg.seed, "trial", int(origin), "model") % 2**31)]

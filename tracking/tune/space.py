@@ -88,6 +88,8 @@ def stage_layers(cfg: TuneConfig, base_path: Path, cli_overrides: Sequence[str] 
     owned = {"train.epochs": "epochs_per_trial", "output.dir": "output_dir", "init_from": "init_from"}
     if cfg.seed_per_trial:
         owned.update({"seed": "seed", "model.seed": "seed"})
+    if cfg.compress_schedule:
+        owned.update({"p_aug.start": "compress_schedule", "p_aug.plateau": "compress_schedule"})
     for key, _ in cli:
         if key in cfg.space:
             raise InputError(f"--set {key}: this key is in the search space of the tune file")
@@ -97,8 +99,29 @@ def stage_layers(cfg: TuneConfig, base_path: Path, cli_overrides: Sequence[str] 
     raw.pop("inherit", None)
     raw = apply_overrides(raw, _pairs(cfg.fixed, "fixed") + _pairs(cfg.trial_only, "trial_only") + cli)
     layers = StageLayers(base_path, raw, dict(cfg.fixed))
-    layers.build()
+    base, _ = layers.build()
+    if cfg.compress_schedule and base.p_aug.kind not in ("exp", "ramp"):
+        raise InputError(f"compress_schedule: the base stage {base_path} has p_aug.kind {base.p_aug.kind!r}; "
+                         "expected exp or ramp (a schedule to compress)")
     return layers
+
+
+def compressed_schedule(start_epoch: int, epochs: int) -> list[tuple[str, int]]:
+    """The ``p_aug`` items of a trial whose schedule is compressed (``compress_schedule`` in the tune file).
+
+    The stage's ramp (absolute epochs, e.g. 0 before 33, p_max from 50) is moved into the trial's epochs
+    ``start_epoch .. start_epoch + epochs - 1``: p is 0 at the first and ``p_max`` at the last, with the
+    stage's ``kind`` and ``decay`` in between (the ramp's formula depends on ``(t - start) / (plateau -
+    start)`` only, so its shape is kept).
+
+    Args:
+        start_epoch: the trial's first (absolute) epoch.
+        epochs: epochs the trial trains (>= 2).
+
+    Returns:
+        ``[("p_aug.start", first), ("p_aug.plateau", last)]``.
+    """
+    return [("p_aug.start", start_epoch), ("p_aug.plateau", start_epoch + epochs - 1)]
 
 
 # ----- reductions ---------------------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from tracking.tune.report import (
 )
 from tracking.tune.session import TuneSession
 from tracking.tune.space import SearchSpace, stage_layers
+from tracking.tune.stored import check_same_definition, definition_attrs
 from tracking.tune.study_runs import StudyTracker
 
 log = logging.getLogger(__name__)
@@ -190,23 +191,23 @@ def open_study(storage: RDBStorage, name: str, cfg: TuneConfig, attrs: dict[str,
         The study.
 
     Raises:
-        InputError: a study of that name exists with the other direction.
+        InputError: a study of that name exists with the other direction, or with another search space or
+            metric (:func:`tracking.tune.stored.check_same_definition`).
     """
     study = optuna.create_study(storage=storage, study_name=name, direction=cfg.direction, load_if_exists=True,
                                 sampler=make_sampler(cfg), pruner=make_pruner(cfg))
     if study.direction.name.lower() != cfg.direction:
         raise InputError(f"study {name!r} exists with direction {study.direction.name.lower()}, "
                          f"the tune file says {cfg.direction}")
+    have = study.user_attrs
+    check_same_definition(name, have, attrs or {})
     if study.metric_names != [cfg.metric]:  # optuna-dashboard and the figures name the objective
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([cfg.metric])
-    have = study.user_attrs
     for key, value in (attrs or {}).items():
         if key not in have:
             study.set_user_attr(key, value)
-        elif key == "space" and have[key] != value:
-            log.warning("study %s: the search space differs from the one it was created with", name)
     return study
 
 
@@ -231,6 +232,8 @@ class TuneOptions:
         output_dir: folder of the trial outputs (None: the file's ``output_dir``; ``{study}`` is expanded).
         parent_run_id: nest the study's MLflow run under this run (e.g. a pipeline run) when it is created.
         run_name: name of a new study run (None: ``study-<study name>``).
+        init_from: the checkpoint every trial starts from, replacing the file's ``init_from`` (a pipeline's
+            tune step passes an earlier step's folder).
     """
 
     tune_file: Path
@@ -248,6 +251,7 @@ class TuneOptions:
     output_dir: Path | None = None
     parent_run_id: str | None = None
     run_name: str | None = None
+    init_from: str | None = None
 
 
 @dataclass
@@ -274,6 +278,8 @@ class TuneResult:
         summary: :func:`summary_metrics`.
         excluded: search values removed before sampling (``model.reduction``).
         run_id: the study's MLflow run (None without tracking).
+        best_trial: the best trial's number (None when no trial completed).
+        best_params: the best trial's values by dotted stage key ({} when none).
     """
 
     study: str
@@ -285,6 +291,8 @@ class TuneResult:
     summary: dict[str, float]
     excluded: dict[str, list[Any]]
     run_id: str | None = None
+    best_trial: int | None = None
+    best_params: dict[str, Any] = field(default_factory=dict)
 
 
 def effective_tune(options: TuneOptions) -> tuple[TuneConfig, Path]:
@@ -293,7 +301,7 @@ def effective_tune(options: TuneOptions) -> tuple[TuneConfig, Path]:
     The command's choices replace the file's: ``study`` is the study's name as opened (``--study``, a
     pipeline's ``<pipeline>-<step>``, else the file's), ``n_trials`` the trials this invocation runs
     (``--trials``), ``output_dir`` the trial folder with ``{study}`` expanded and ``memory_budget`` the
-    budget applied (``--memory-budget``).
+    budget applied (``--memory-budget``) and ``init_from`` the checkpoint the trials start from.
 
     Args:
         options: the invocation.
@@ -310,6 +318,7 @@ def effective_tune(options: TuneOptions) -> tuple[TuneConfig, Path]:
         cfg, study=name, n_trials=cfg.n_trials if options.trials is None else options.trials,
         output_dir=str(options.output_dir or cfg.output_dir).replace("{study}", name),
         memory_budget=cfg.memory_budget if options.memory_budget is None else options.memory_budget,
+        init_from=cfg.init_from if options.init_from is None else options.init_from,
     ), base_path
 
 
@@ -353,6 +362,8 @@ def prepare(options: TuneOptions, create_run: bool = True) -> Prepared:
 
     cfg, base_path = effective_tune(options)
     name = str(cfg.study)
+    if cfg.init_from and not Path(cfg.init_from).exists():
+        raise InputError(f"{options.tune_file}: init_from: no checkpoint or stage folder at {cfg.init_from}")
     url = check_storage_url(options.storage) if options.storage else default_optuna_storage()
     budget = parse_bytes(cfg.memory_budget, "--memory-budget" if options.memory_budget is not None else "memory_budget")
     layers = stage_layers(cfg, base_path, options.overrides)
@@ -372,8 +383,8 @@ def prepare(options: TuneOptions, create_run: bool = True) -> Prepared:
         tracker = StudyTracker(resolve_stores(), options.experiment, space)
     storage = open_storage(url, cfg.heartbeat.interval, cfg.heartbeat.grace_period, cfg.heartbeat.max_retry,
                            on_stale=tracker.close_stale if tracker is not None else None)
-    attrs = {"tune_file": str(options.tune_file), "base": str(base_path), "metric": cfg.metric,
-             "space": json.dumps(space.describe(), sort_keys=True), "excluded": json.dumps(space.excluded)}
+    attrs = definition_attrs(options.tune_file, base_path, cfg.metric, space.describe(), space.excluded, cfg.fixed,
+                             cfg.output_dir, cfg.importance, cfg.seed)
     study = open_study(storage, name, cfg, attrs)
     if tracker is not None:
         params = {f"tune.{k}": v for k, v in flatten(to_dict(cfg)).items()}
@@ -418,8 +429,8 @@ def finish(prepared: Prepared, overlay_dir: Path | None = None) -> TuneResult:
     tags = {"optuna.study": study.study_name}
     if complete:
         folder = overlay_dir or repo_root(fallback_to_cwd=True) / "experiments" / "tuned"
-        overlay = write_overlay(Path(folder) / f"{study.study_name}.yaml", session.layers, study.best_trial, space,
-                                study.study_name, cfg.metric)
+        overlay = write_overlay(Path(folder) / f"{study.study_name}.yaml", session.layers.base_path,
+                                session.layers.fixed, study.best_trial, space, study.study_name, cfg.metric)
         tags.update({"optuna.best_trial": str(study.best_trial.number), "smartify.overlay": str(overlay)})
     else:
         log.warning("study %s: no complete trial yet; no overlay written", study.study_name)
@@ -431,8 +442,10 @@ def finish(prepared: Prepared, overlay_dir: Path | None = None) -> TuneResult:
         # the study's trial count as the storage holds it (all invocations), beside this invocation's tune.n_trials
         session.tracker.close({**summary, "trials/total": float(len(study.get_trials(deepcopy=False)))}, tags, files)
     run_id = session.tracker.run_id if session.tracker is not None else None
+    best = study.best_trial if complete else None
     return TuneResult(study.study_name, redact_uri(prepared.storage_url), rows, table, overlay, figures, summary,
-                      dict(space.excluded), run_id)
+                      dict(space.excluded), run_id, best.number if best else None,
+                      space.decode(best.params) if best else {})
 
 
 def run_tune(options: TuneOptions) -> TuneResult | None:
