@@ -32,6 +32,9 @@ class Step:
         train: stage YAML to train.
         set: extra ``dotted.key=value`` overrides for the stage (or the tune base stage).
         init_from: an earlier step's name (its checkpoints) or a path.
+        init_from_epoch: start from that step's ``checkpoints/epoch_NNN.pt`` (kept by its
+            ``train.keep_epochs``) instead of its best checkpoint, e.g. 30 for the team's
+            ``model_epoch30in45.pt``; None: the best checkpoint.
         register: register the stage's best model in the Model Registry.
         tune: tune YAML to run (``trials`` trials).
         trials: trials of a tune step.
@@ -44,6 +47,7 @@ class Step:
     train: str | None = None
     set: tuple[str, ...] = ()
     init_from: str | None = None
+    init_from_epoch: int | None = None
     register: bool = False
     tune: str | None = None
     trials: int = 2
@@ -56,6 +60,9 @@ class Step:
         actions = [a for a in ("train", "tune", "promote") if getattr(self, a)] + (["submit"] if self.submit else [])
         if len(actions) != 1:
             raise InputError(f"step {self.name!r}: expected exactly one of train, tune, promote, submit; got {actions}")
+        if self.init_from_epoch is not None and (self.init_from is None or self.init_from_epoch < 1):
+            raise InputError(f"step {self.name!r}: init_from_epoch = {self.init_from_epoch}: expected an epoch count "
+                             ">= 1 with init_from naming the step (or stage folder) that kept it")
 
 
 @dataclass(frozen=True)
