@@ -4,7 +4,8 @@
 and the RNG streams on resume), writes ``config.yaml``, emits :class:`~recon.events.StageStart`,
 then for every epoch sets the learning rate, times the epoch and measures its memory peaks
 (:class:`~recon.engine.memory_meter.EpochMemory`, reset every epoch), lets the stage
-train and validate, emits :class:`~recon.events.EpochEnd`, writes ``last`` (and ``best``) checkpoints,
+train and validate, emits :class:`~recon.events.EpochEnd`, writes ``last`` (and ``best``, and
+``epoch_NNN`` for ``train.keep_epochs``) checkpoints,
 and finally emits :class:`~recon.events.StageEnd`. A non-finite or stuck loss is a
 :class:`DivergenceError`: the loop emits :class:`~recon.events.Divergence` and re-raises it.
 
@@ -228,7 +229,9 @@ def run_loop(
             metrics.update(val_metrics)
             metrics.update(memory.stop())
             score = hooks.score(metrics)
-            improved = hooks.record_best(metrics, best)
+            # select_by last: every epoch replaces the best (the choice is the epoch, not the score)
+            last = cfg.train.select_by == "last"
+            improved = hooks.record_best(metrics, -math.inf if last else best) or last
             if improved:
                 best, best_epoch = score, epoch
             metrics.update(hooks.schedule_metrics(epoch, lr))
@@ -250,6 +253,8 @@ def run_loop(
             last_path = write_checkpoint(callbacks, out_dir, "last", score, saved)
             if improved:
                 best_path = write_checkpoint(callbacks, out_dir, "best", score, saved)
+            if epoch + 1 in cfg.train.keep_epochs:
+                write_checkpoint(callbacks, out_dir, f"epoch_{epoch + 1:03d}", score, saved)
         status = "finished"
     except DivergenceError as exc:
         status = "diverged"

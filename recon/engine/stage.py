@@ -120,6 +120,14 @@ class TrainConfig(Section):
             re-masking on), else ``val/leaderboard``. A leaderboard that the scored validation slices
             cannot report (no acc4 or no acc8 under ``data.max_val_slices``) is replaced by the same
             pass's ``/ssim`` with a warning (:func:`recon.engine.trainer._resolve_select_metric`).
+        select_by: ``metric``: the ``best`` checkpoint is the epoch with the highest ``select_metric``;
+            ``last``: it is the last epoch trained (selection by epoch, for a stage that trains on its
+            validation split, ``data.use_val_for_final``); ``best_metric`` is then that epoch's
+            ``select_metric``, reported, not chosen on.
+        keep_epochs: counts of completed epochs whose checkpoint is kept as ``checkpoints/epoch_NNN.pt``
+            (the team's ``model_epoch{e+1}in{N}.pt``: ``30`` is the state after 0-based epoch 29, where
+            the MoE stage starting at epoch 30 continues); a pipeline step starts from one with
+            ``init_from_epoch``.
     """
 
     start_epoch: int = 0
@@ -133,6 +141,8 @@ class TrainConfig(Section):
     progress: bool = True
     probe_memory: bool = True
     select_metric: str = "auto"
+    select_by: Literal["metric", "last"] = "metric"
+    keep_epochs: tuple[int, ...] = ()
 
     def validate(self) -> None:
         """Check the values (see :meth:`recon.sections.Section.validate`)."""
@@ -143,6 +153,8 @@ class TrainConfig(Section):
         self.require(self.epochs > self.start_epoch, "epochs",
                      f"must be greater than train.start_epoch ({self.start_epoch})")
         self.require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        self.require(all(self.start_epoch < n <= self.epochs for n in self.keep_epochs), "keep_epochs",
+                     f"must be completed-epoch counts in {self.start_epoch + 1}..{self.epochs}")
 
 
 #: selectable reconstruction metrics: ``val[_remasked]/ssim``, ``.../leaderboard``, ``.../ssim/<group>``

@@ -14,15 +14,22 @@ leaderboard file with the same name is required, and ``expected_count`` enforces
 
 The same per-slice scoring and slice-weighted aggregation serve training validation:
 :func:`score_slices` and :class:`ScoreAggregator`.
+
+:func:`write_remasked_leaderboard` makes the private-like copy of a leaderboard: every k-space
+file's ``mask`` replaced by the re-masked validation's mask of that file and kind
+(:func:`recon.engine.remask.remask`, deterministic per file name and kind, never the public
+pattern); the inference multiplies the fully sampled k-space by it, so the copy is the same
+scans under another mask, scored against the same labels.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import h5py
 import numpy as np
@@ -30,8 +37,11 @@ import torch
 
 from recon.data.names import parse_name, sort_key
 from recon.errors import InputError
-from recon.io import list_h5, open_h5
+from recon.io import atomic_path, list_h5, open_h5
 from recon.metric import foreground_mask, ssim
+
+if TYPE_CHECKING:
+    from recon.engine.stage import RemaskConfig
 
 logger = logging.getLogger(__name__)
 
@@ -400,3 +410,63 @@ def evaluate_baselines(
 
         results[name] = _score(plan, read, device)
     return results
+
+
+def write_remasked_leaderboard(leaderboard_dir: str | Path, out_dir: str | Path, kind: str,
+                               cfg: "RemaskConfig | None" = None) -> dict[str, list[int]]:
+    """A copy of a leaderboard folder whose k-space files carry a re-masked validation mask.
+
+    ``OUT/{acc4,acc8}/kspace/<name>.h5`` hold ``mask = remask(name, W, acc, kind, cfg)``, the original's
+    attributes and, as HDF5 external links to the original file, every other dataset (so the copy takes
+    no disk); ``OUT/{acc4,acc8}/image/<name>.h5`` are symbolic links to the
+    original image files (labels, GRAPPA images for the classifier). The k-space itself is the
+    original, fully sampled one: inference applies the new mask to it.
+
+    Args:
+        leaderboard_dir: the leaderboard folder (``{acc4,acc8}/kspace``, ``image`` optional).
+        out_dir: where the copy goes (created; must not hold files yet).
+        kind: ``equispaced`` or ``random`` (see :mod:`recon.engine.remask`).
+        cfg: the re-masking settings (seed, ACS fraction); the validation's defaults when None.
+
+    Returns:
+        ``<acc folder>/<name>`` -> the columns the new mask keeps, for every copied file.
+
+    Raises:
+        InputError: a bad leaderboard folder or file, an out folder that already holds files, or a width
+            too small for a non-public mask.
+    """
+    from recon.data.layout import discover_leaderboard
+    from recon.engine.remask import remask
+    from recon.engine.stage import RemaskConfig
+
+    cfg = cfg or RemaskConfig()
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"{out}: already holds files; a re-masked copy needs an empty folder")
+    kept: dict[str, list[int]] = {}
+    for acc_dir, pairs in discover_leaderboard(leaderboard_dir, require_image=None).items():
+        for pair in pairs:
+            dest = out / acc_dir / "kspace" / pair.name
+            with open_h5(pair.kspace) as f:
+                if "mask" not in f:
+                    raise InputError(f"{pair.kspace}: dataset 'mask' not found; keys are {', '.join(f.keys())}")
+                shape, dtype = tuple(f["mask"].shape), f["mask"].dtype
+                width = int(shape[-1])
+            try:
+                mask = remask(pair.name, width, pair.acc, kind, cfg)
+            except ValueError as exc:
+                raise InputError(f"{pair.kspace}: {exc}") from None
+            source = Path(pair.kspace).resolve()
+            with atomic_path(dest) as tmp:
+                with h5py.File(tmp, "w-") as f, open_h5(source) as src:
+                    for name in src:  # the k-space and anything else, linked: the copy costs no disk
+                        if name != "mask":
+                            f[name] = h5py.ExternalLink(str(source), name)
+                    f.attrs.update(dict(src.attrs))
+                    f.create_dataset("mask", data=mask.reshape(shape).astype(dtype), track_times=False)
+            if pair.image is not None:
+                link = out / acc_dir / "image" / pair.name
+                link.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(Path(pair.image).resolve(), link)
+            kept[f"{acc_dir}/{pair.name}"] = [int(i) for i in np.flatnonzero(mask)]
+    return kept

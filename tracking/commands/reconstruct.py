@@ -3,7 +3,8 @@
 Loads the two systems (and the classifier) from their stage checkpoint folders, reconstructs
 ``DATA/{acc4,acc8}/kspace/*.h5`` into ``OUT/{acc4,acc8}/<name>.h5``, prints the Broker's routing
 report, the time per slice and the verdict against the budget, then, when the data folder holds
-``image_label`` for every file, the official evaluation. Exit code 0 within the budget, 1 over it,
+``image_label`` for every file, the official evaluation. ``--device auto`` (the default) is CUDA where
+present, so the budget verdict is the GPU's; the progress bar is on when stderr is a terminal. Exit code 0 within the budget, 1 over it,
 2 for bad input (nothing written).
 """
 
@@ -12,12 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
 from recon.data.layout import LEADERBOARD_ACCS
 from recon.errors import InputError
 from recon.inference.evaluation import labels_available
+from recon.inference.device import resolve_device
 from recon.inference.reconstruct import CHALLENGE_BUDGET_S, reconstruct_leaderboard
 from recon.inference.systems import load_classifier, load_system
 
@@ -57,26 +60,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint of each stage folder")
     parser.add_argument("--budget-s", type=float, default=CHALLENGE_BUDGET_S, metavar="S",
                         help="time budget in seconds (default: %(default)s, the challenge's limit)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="torch device; auto = cuda when available, else cpu (default: %(default)s)")
     parser.add_argument("--amp", action="store_true", help="float16 mixed precision (CUDA only)")
     parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="slices per forward pass (default: 4)")
     parser.add_argument("--workers", type=int, default=2, metavar="N", help="DataLoader workers (default: 2)")
     parser.add_argument("--overwrite", action="store_true", help="allow an output folder that already holds .h5 files")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation even when labels exist")
-    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show a progress bar (default: on when stderr is a terminal)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     parser.set_defaults(func=run)
-
-
-def _check_device(name: str) -> None:
-    import torch
-
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise InputError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name}: CUDA is not available on this machine")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("no anatomy source: give --classifier PATH or choose --anatomy-from-filename explicitly")
     if args.classifier is not None and args.anatomy_from_filename:
         raise InputError("give either --classifier or --anatomy-from-filename, not both")
-    _check_device(args.device)
+    args.device = resolve_device(args.device)
     if args.budget_s <= 0:
         raise InputError(f"--budget-s must be > 0, got {args.budget_s}")
     if args.batch_size < 1 or args.workers < 0:
@@ -98,13 +92,14 @@ def run(args: argparse.Namespace) -> int:
         args.data, args.out, hacker, helper, classifier=classifier,
         anatomy_from_filename=args.anatomy_from_filename, device=args.device, amp=args.amp,
         batch_size=args.batch_size, num_workers=args.workers, budget_s=args.budget_s,
-        overwrite=args.overwrite, progress=args.progress, clock_start=clock,
+        overwrite=args.overwrite, clock_start=clock,
+        progress=sys.stderr.isatty() if args.progress is None else args.progress,
     )
     evaluation = None
     if not args.no_eval and labels_available(args.data):
         from recon.inference.evaluation import evaluate_folder
 
-        evaluation = evaluate_folder(args.data, args.out)
+        evaluation = evaluate_folder(args.data, args.out, device=args.device)
 
     if args.json:
         obj = result.to_dict()

@@ -2,7 +2,10 @@
 
 Resolves ``models:/smartify-{hacker,helper,classifier}@champion`` (each overridable) to concrete
 versions, runs the same inference as ``smartify reconstruct``, scores the output when labels
-exist, and logs a ``submission`` run with the exact versions used. Exit code 0 within the time
+exist (and, by default then, scores the Hacker, the Helper and the Broker on the public leaderboard and on
+re-masked copies of it: ``submission/robustness.md``), and logs a ``submission`` run with the exact
+versions used. ``--device auto`` (the default) is CUDA where present; the progress bar is on when
+stderr is a terminal. Exit code 0 within the time
 budget, 1 over it, 2 for bad input or a tracking server that cannot be reached (never read as "no alias").
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 EPILOG = """examples:
@@ -46,14 +50,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--budget-s", type=float, default=CHALLENGE_BUDGET_S, metavar="S",
                         help="time budget in seconds (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="allow an output folder that already holds .h5 files")
-    parser.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    parser.add_argument("--device", default="auto",
+                        help="torch device; auto = cuda when available, else cpu (default: %(default)s)")
     parser.add_argument("--amp", action="store_true", help="float16 mixed precision (CUDA only)")
     parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="slices per forward pass (default: 4)")
     parser.add_argument("--workers", type=int, default=2, metavar="N", help="DataLoader workers (default: 2)")
     parser.add_argument("--experiment", default="smartify", help="MLflow experiment (default: %(default)s)")
     parser.add_argument("--parent-run-id", help="nest the submission run under this run")
     parser.add_argument("--no-eval", action="store_true", help="skip the evaluation even when labels exist")
-    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument("--robustness", action=argparse.BooleanOptionalAction, default=None,
+                        help="also score the Hacker, the Helper and the Broker on the public leaderboard and on "
+                             "re-masked copies (equispaced, random; never the public pattern): about 3 more "
+                             "reconstructions of the leaderboard, not counted against the budget "
+                             "(default: on when labels exist)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show a progress bar (default: on when stderr is a terminal)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     parser.set_defaults(func=run)
 
@@ -77,8 +88,9 @@ def run(args: argparse.Namespace) -> int:
         args.data, args.out, hacker=args.hacker, helper=args.helper, classifier=_classifier_ref(args),
         anatomy_from_filename=args.anatomy_from_filename, experiment=args.experiment,
         parent_run_id=args.parent_run_id, budget_s=args.budget_s, overwrite=args.overwrite, device=args.device,
-        amp=args.amp, batch_size=args.batch_size, num_workers=args.workers, progress=args.progress,
-        evaluate=not args.no_eval,
+        amp=args.amp, batch_size=args.batch_size, num_workers=args.workers,
+        progress=sys.stderr.isatty() if args.progress is None else args.progress, evaluate=not args.no_eval,
+        robustness=args.robustness,
     )
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
@@ -89,5 +101,10 @@ def run(args: argparse.Namespace) -> int:
     if result.evaluation is not None:
         ev = result.evaluation
         print(f"Leaderboard SSIM : {ev['leaderboard']:.4f} (acc4 {ev['acc4']:.4f}, acc8 {ev['acc8']:.4f})")
+    if result.robustness is not None:
+        from tracking.registry.robustness import markdown
+
+        table = markdown(result.robustness).split("\n\n")
+        print("\n".join(part for part in table if part.startswith("| system | public")))
     print(f"submission run {result.run_id}")
     return 0 if result.within_budget else 1

@@ -35,6 +35,9 @@ class Step:
             every trial starts from (replaces the tune file's ``init_from``).
         overlay_from: an earlier tune step: its best trial's overlay is applied to this train step's stage
             (after the stage file, before ``set``).
+        init_from_epoch: start from that step's ``checkpoints/epoch_NNN.pt`` (kept by its
+            ``train.keep_epochs``) instead of its best checkpoint, e.g. 30 for the team's
+            ``model_epoch30in45.pt``; None: the best checkpoint.
         register: register the stage's best model in the Model Registry.
         tune: tune YAML to run (``trials`` trials).
         trials: trials of a tune step.
@@ -48,6 +51,7 @@ class Step:
     set: tuple[str, ...] = ()
     init_from: str | None = None
     overlay_from: str | None = None
+    init_from_epoch: int | None = None
     register: bool = False
     tune: str | None = None
     trials: int = 2
@@ -62,6 +66,9 @@ class Step:
             raise InputError(f"step {self.name!r}: expected exactly one of train, tune, promote, submit; got {actions}")
         if self.overlay_from is not None and not self.train:
             raise InputError(f"step {self.name!r}: overlay_from applies to a train step")
+        if self.init_from_epoch is not None and (self.init_from is None or self.init_from_epoch < 1):
+            raise InputError(f"step {self.name!r}: init_from_epoch = {self.init_from_epoch}: expected an epoch count "
+                             ">= 1 with init_from naming the step (or stage folder) that kept it")
 
 
 @dataclass(frozen=True)

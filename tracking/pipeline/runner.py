@@ -153,13 +153,32 @@ class PipelineRunner:
         earlier = [s.name for s in self.cfg.steps[: self.cfg.steps.index(step)] if s.train]
         if ref in earlier:
             if planned:
-                return str(self.workdir / ref)  # where that step writes (its output.dir, see _stage_overrides)
+                return self._init_file(step, self.workdir / ref, planned)  # that step's output.dir
             if ref not in self.outputs:
                 raise InputError(f"step {step.name!r}: init_from {ref!r} made no checkpoint (see its status)")
-            return str(self.outputs[ref])
+            return self._init_file(step, Path(self.outputs[ref]), planned)
         if Path(ref).exists():
-            return ref
+            return self._init_file(step, Path(ref), planned) if step.init_from_epoch is not None else ref
         raise InputError(f"step {step.name!r}: init_from {ref!r}: neither an earlier train step nor an existing path")
+
+    @staticmethod
+    def _init_file(step: Step, folder: Path, planned: bool) -> str:
+        """The folder itself (its best checkpoint), or its ``checkpoints/epoch_NNN.pt`` for ``init_from_epoch``."""
+        if step.init_from_epoch is None:
+            return str(folder)
+        path = folder / "checkpoints" / f"epoch_{step.init_from_epoch:03d}.pt"
+        if not planned and not path.is_file():
+            raise InputError(f"step {step.name!r}: init_from_epoch {step.init_from_epoch}: {path} not found; the "
+                             f"{step.init_from!r} stage keeps it with train.keep_epochs: [{step.init_from_epoch}]")
+        return str(path)
+
+    @staticmethod
+    def init_choice(step: Step) -> str:
+        """What a train step starts from, for the parent run's ``step/<name>/init_from`` param."""
+        if step.init_from is None:
+            return "none (initialised from scratch)"
+        which = "best checkpoint" if step.init_from_epoch is None else f"epoch_{step.init_from_epoch:03d}.pt"
+        return f"{step.init_from}: {which}"
 
     def stage_config(self, step: Step, planned: bool = False) -> tuple[StageConfig, dict[str, Any]]:
         """The stage of a train step as it runs: the pipeline's overrides and ``init_from`` written into it.
@@ -284,7 +303,7 @@ class PipelineRunner:
         leaderboard = self.data_root / "leaderboard"
         result = submit(leaderboard, self.workdir / step.name, stores=self.stores,
                         experiment=self.cfg.experiment, parent_run_id=parent_id, overwrite=True,
-                        device=self.device or "cpu")
+                        device=self.device or "auto")
         summary = result.to_dict()
         if summary.get("evaluation"):
             from recon.inference.evaluation import evaluate_baselines
@@ -317,6 +336,7 @@ class PipelineRunner:
                 for step in self.cfg.steps:
                     log.info("pipeline %s: step %s", self.cfg.name, step.name)
                     if step.train:
+                        writer.log_batch(parent_id, params={f"step/{step.name}/init_from": self.init_choice(step)})
                         result.steps.append(self.train(step, parent_id))
                     elif step.tune:
                         result.steps.append(self.tune(step, parent_id))

@@ -23,7 +23,14 @@ Everything goes to one MLflow run named ``submission`` (tag ``smartify.kind=subm
   ``time/seconds_per_slice``, ``time/budget_fraction``, ``routing/hacker_ratio``, ``slices``,
   ``files``, ``within_budget``;
 * artifacts under ``submission/``: ``routing.json``, ``manifest.json`` (file names and sha256),
-  ``reconstruction.json`` (timings per file, systems), ``evaluation.json``, ``versions.json``.
+  ``reconstruction.json`` (timings per file, systems), ``evaluation.json``, ``versions.json``;
+* with ``robustness`` (the default when labels exist): the Hacker, the Helper and the Broker each scored
+  on the public leaderboard and on re-masked copies of it (:mod:`tracking.registry.robustness`):
+  metrics ``submission/<system>/...`` and ``submission/remasked/<system>/<kind>/...``, artifacts
+  ``submission/robustness.md`` (the table to read) and ``submission/robustness.json``; params
+  ``robustness`` (``on``/``off``) and ``robustness.protocol``.
+
+``device="auto"`` (the default) runs on CUDA where present, else on the CPU; the device used is a param.
 
 The run starts before loading and ends ``FINISHED``, or ``FAILED`` with the error as a tag when
 anything raises (the exception is re-raised).
@@ -37,16 +44,22 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recon.data.layout import LEADERBOARD_ACCS, data_fingerprint, discover_pairs
 from recon.errors import InputError
+from recon.inference.device import resolve_device
 from recon.inference.reconstruct import CHALLENGE_BUDGET_S, ReconResult, reconstruct_leaderboard
 from recon.engine.checkpoint import Checkpoint
+from recon.engine.stage import RemaskConfig
+from recon.inference.evaluation import labels_available
 from recon.inference.systems import ReconSystem, adjacent_slices
 from tracking.registry.loader import load_version
 from tracking.registry.versions import ModelVersionInfo, get_version_info
 from tracking.runs.stores import Stores, get_or_create_experiment, make_client, resolve_stores
+
+if TYPE_CHECKING:
+    from tracking.registry.robustness import Robustness
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +80,7 @@ class SubmissionResult:
         requested: role -> the reference asked for (e.g. ``models:/smartify-hacker@champion``).
         recon: the reconstruction result (routing, timings, manifest).
         evaluation: the official scores, or None without labels.
+        robustness: every system on the public and re-masked leaderboards, or None when not measured.
     """
 
     run_id: str
@@ -74,6 +88,7 @@ class SubmissionResult:
     requested: dict[str, str | None]
     recon: ReconResult
     evaluation: dict[str, Any] | None
+    robustness: "Robustness | None" = None
 
     @property
     def within_budget(self) -> bool:
@@ -88,6 +103,7 @@ class SubmissionResult:
             "requested": dict(self.requested),
             "reconstruction": self.recon.to_dict(),
             "evaluation": self.evaluation,
+            "robustness": self.robustness.to_dict() if self.robustness is not None else None,
         }
 
 
@@ -147,12 +163,13 @@ def submit(
     parent_run_id: str | None = None,
     budget_s: float = CHALLENGE_BUDGET_S,
     overwrite: bool = False,
-    device: str = "cpu",
+    device: str = "auto",
     amp: bool = False,
     batch_size: int = 4,
     num_workers: int = 2,
     progress: bool = False,
     evaluate: bool = True,
+    robustness: bool | None = None,
 ) -> SubmissionResult:
     """Reconstruct a leaderboard folder with registered versions and log a ``submission`` run.
 
@@ -169,12 +186,15 @@ def submit(
         parent_run_id: nest the run under this run.
         budget_s: time budget in seconds.
         overwrite: allow an output folder that already holds ``.h5`` files.
-        device: torch device.
+        device: torch device, or ``auto`` (CUDA where present, else CPU).
         amp: float16 autocast on CUDA.
         batch_size: slices per forward pass.
         num_workers: DataLoader workers.
         progress: show a progress bar.
         evaluate: score the output when labels exist.
+        robustness: also score each system on the public and re-masked leaderboards (about three more
+            reconstructions, outside the budget); None: when labels exist and ``evaluate``. True without
+            labels is an error.
 
     Returns:
         The :class:`SubmissionResult`.
@@ -187,6 +207,12 @@ def submit(
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     if not data_dir.is_dir():
         raise InputError(f"{data_dir}: data folder not found (expected {{acc4,acc8}}/kspace/*.h5)")
+    device = resolve_device(device)
+    if robustness is None:
+        robustness = evaluate and labels_available(data_dir)
+    elif robustness and not (evaluate and labels_available(data_dir)):
+        raise InputError(f"{data_dir}: robustness needs evaluation and image_label in every "
+                         "{acc4,acc8}/image file (use --no-robustness)")
     stores = stores or resolve_stores()
     requested: dict[str, str | None] = {"hacker": hacker, "helper": helper, "classifier": classifier}
     versions: dict[str, ModelVersionInfo | None] = {
@@ -213,7 +239,10 @@ def submit(
         params = {"data_dir": str(data_dir.resolve()), "out_dir": str(out_dir.resolve()),
                   "data.fingerprint": leaderboard_fingerprint(data_dir), "device": device, "amp": str(amp),
                   "budget_s": str(float(budget_s)), "batch_size": str(batch_size), "num_workers": str(num_workers),
-                  "anatomy_source": "classifier" if classifier is not None else "filename"}
+                  "anatomy_source": "classifier" if classifier is not None else "filename",
+                  "robustness": "on" if robustness else "off"}
+        if robustness:
+            params["robustness.protocol"] = RemaskConfig().protocol()
         for role in ROLES:
             params.update(_params(role, requested[role], versions[role]))
         from mlflow.entities import Param
@@ -225,13 +254,19 @@ def submit(
         classifier_module = None
         if versions["classifier"] is not None:
             classifier_module, _ = load_version(versions["classifier"].uri, stores=stores)
-        recon = reconstruct_leaderboard(
-            data_dir, out_dir, hacker_system, helper_system, classifier=classifier_module,
-            anatomy_from_filename=anatomy_from_filename, device=device, amp=amp, batch_size=batch_size,
-            num_workers=num_workers, budget_s=budget_s, overwrite=overwrite, progress=progress, clock_start=clock,
-        )
+        settings = dict(anatomy_from_filename=anatomy_from_filename, device=device, amp=amp, batch_size=batch_size,
+                        num_workers=num_workers, budget_s=budget_s, progress=progress)
+        recon = reconstruct_leaderboard(data_dir, out_dir, hacker_system, helper_system, classifier=classifier_module,
+                                        overwrite=overwrite, clock_start=clock, **settings)
         evaluation = evaluate_folder_if_labelled(data_dir, out_dir, device) if evaluate else None
         _log_outcome(client, run_id, recon, evaluation, versions)
+        rob = None
+        if robustness and evaluation is not None:
+            from tracking.registry.robustness import measure
+
+            rob = measure(data_dir, recon, evaluation, hacker_system, helper_system, settings,
+                          classifier=classifier_module)
+            _log_robustness(client, run_id, rob)
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (tracking.cli.Terminated): every output file is whole
         client.set_tag(run_id, "smartify.stopped_by", str(getattr(exc, "signal_name", "SIGINT")))
         client.set_terminated(run_id, "KILLED")
@@ -242,12 +277,12 @@ def submit(
         client.set_terminated(run_id, "FAILED")
         raise
     client.set_terminated(run_id, "FINISHED")
-    return SubmissionResult(run_id, versions, requested, recon, evaluation)
+    return SubmissionResult(run_id, versions, requested, recon, evaluation, rob)
 
 
 def evaluate_folder_if_labelled(data_dir: Path, out_dir: Path, device: str = "cpu") -> dict[str, Any] | None:
     """The official scores of ``out_dir`` when ``data_dir`` has labels, else None."""
-    from recon.inference.evaluation import evaluate_folder, labels_available
+    from recon.inference.evaluation import evaluate_folder
 
     if not labels_available(data_dir):
         log.info("%s: no image_label for every file; the submission is not scored", data_dir)
@@ -283,3 +318,18 @@ def _log_outcome(client, run_id: str, recon: ReconResult, evaluation: dict[str, 
                   {r: (v.to_dict() if v else None) for r, v in versions.items()})
         if evaluation is not None:
             _log_json(client, run_id, folder, "evaluation.json", evaluation)
+
+
+def _log_robustness(client, run_id: str, rob: "Robustness") -> None:
+    """The robustness metrics and the ``robustness.md``/``.json`` artifacts."""
+    from mlflow.entities import Metric
+
+    from tracking.registry.robustness import markdown, metrics
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics(rob).items()])
+    with tempfile.TemporaryDirectory(prefix="smartify-submission-") as tmp:
+        folder = Path(tmp)
+        (folder / "robustness.md").write_text(markdown(rob))
+        client.log_artifact(run_id, str(folder / "robustness.md"), "submission")
+        _log_json(client, run_id, folder, "robustness.json", rob.to_dict())

@@ -2,7 +2,8 @@
 
 The registry is a real SQLite store in a temp folder; the models are tiny random-init checkpoints
 registered and promoted to ``champion`` here. The leaderboard comes from the session's
-``tiny_data`` fixture (public masks everywhere, so every slice goes to the Hacker).
+``tiny_data`` fixture (public masks everywhere, so every slice goes to the Hacker); the robustness
+tables are recomputed here from re-masked copies written afresh.
 """
 
 from __future__ import annotations
@@ -15,13 +16,21 @@ from pathlib import Path
 
 import pytest
 
+import h5py
+import numpy as np
+import torch
+
+from recon.data.layout import discover_leaderboard
+from recon.engine.stage import RemaskConfig
 from recon.errors import InputError
-from recon.inference.evaluation import evaluate_folder
+from recon.inference.evaluation import evaluate_folder, write_remasked_leaderboard
+from recon.inference.reconstruct import reconstruct_leaderboard
+from recon.masks import is_public_pattern
 from tests.tracking.registry.test_registry import cli_env, save_tiny_checkpoint
 from tracking.registry.promotion import promote
 from tracking.registry.versions import ModelVersionInfo, register_stage
 from tracking.runs.stores import Stores, make_client
-from tracking.registry.submission import submit
+from tracking.registry.submission import _system, submit
 
 
 
@@ -87,12 +96,80 @@ def test_submission_logs_champion_versions_scores_and_manifest(
     # the manifest names every written file with its checksum
     folder = Path(client.download_artifacts(result.run_id, "submission", str(tmp_path / "art")))
     assert {p.name for p in folder.iterdir()} == {
-        "routing.json", "manifest.json", "reconstruction.json", "versions.json", "evaluation.json"}
+        "routing.json", "manifest.json", "reconstruction.json", "versions.json", "evaluation.json",
+        "robustness.md", "robustness.json"}
     manifest = json.loads((folder / "manifest.json").read_text())
     written = {str(p.relative_to(out)): _sha256(p) for p in sorted(out.glob("*/*.h5"))}
     assert manifest["sha256"] == written and manifest["files"] == len(written) == 8
     routing = json.loads((folder / "routing.json").read_text())
     assert routing["total_slices"] == result.recon.slices
+
+    # robustness (on by default with labels): the Broker's public score is the submission's own
+    assert params["robustness"] == "on" and params["robustness.protocol"] == RemaskConfig().protocol()
+    assert params["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
+    assert metrics["submission/broker/leaderboard"] == metrics["submission/leaderboard"]
+    # the Broker sent every public slice to the Hacker, so the Hacker's public score is that reconstruction
+    assert metrics["submission/hacker/leaderboard"] == metrics["submission/leaderboard"]
+    table = (folder / "robustness.md").read_text()
+    assert "| Broker (submitted) |" in table and "| Hacker |" in table and "| Helper |" in table
+    assert f"{metrics['submission/remasked/helper/leaderboard']:.4f}" in table
+
+
+def _reconstruct_and_score(data: Path, out: Path, hacker, helper) -> tuple[dict, float]:
+    recon = reconstruct_leaderboard(data, out, hacker, helper, anatomy_from_filename=True, num_workers=0,
+                                    batch_size=2)
+    return evaluate_folder(data, out), recon.routing.hacker_ratio
+
+
+def test_robustness_scores_every_system_on_public_and_remasked_leaderboards(
+    tmp_path: Path, tiny_data: Path, registered: dict[str, ModelVersionInfo], stores: Stores
+) -> None:
+    leaderboard = tiny_data / "leaderboard"
+    result = submit(leaderboard, tmp_path / "sub", classifier=None, anatomy_from_filename=True, stores=stores,
+                    num_workers=0, batch_size=2, device="cpu")
+    metrics = make_client(stores).get_run(result.run_id).data.metrics
+
+    # recompute every cell independently: the registered versions loaded afresh, the copies written afresh
+    hacker = _system("hacker", registered["hacker"], stores)
+    helper = _system("helper", registered["helper"], stores)
+    public_helper, _ = _reconstruct_and_score(leaderboard, tmp_path / "public_helper", helper, helper)
+    assert metrics["submission/helper/leaderboard"] == pytest.approx(public_helper["leaderboard"])
+    assert metrics["submission/helper/ssim/acc8"] == pytest.approx(public_helper["acc8"])
+    assert metrics["submission/helper/leaderboard"] != metrics["submission/hacker/leaderboard"]
+    means = {"hacker": [], "helper": [], "broker": []}
+    for kind in ("equispaced", "random"):
+        data = tmp_path / "remasked" / kind
+        kept = write_remasked_leaderboard(leaderboard, data, kind)
+        for pair in discover_leaderboard(data).get("acc4", []) + discover_leaderboard(data).get("acc8", []):
+            with h5py.File(pair.kspace) as f:  # never the public pattern; the k-space is the original
+                mask = np.asarray(f["mask"][()]).reshape(-1)
+                assert not is_public_pattern(mask)
+                with h5py.File(leaderboard / pair.kspace.relative_to(data)) as g:
+                    assert np.array_equal(f["kspace"][0], g["kspace"][0])
+        again = write_remasked_leaderboard(leaderboard, tmp_path / "again" / kind, kind)
+        assert again == kept  # deterministic per (file, kind)
+        broker, ratio = _reconstruct_and_score(data, tmp_path / kind / "broker", hacker, helper)
+        only_hacker, _ = _reconstruct_and_score(data, tmp_path / kind / "hacker", hacker, hacker)
+        assert ratio == 0.0 == metrics[f"routing/remasked/{kind}/hacker_ratio"]
+        for system, ev in (("broker", broker), ("helper", broker), ("hacker", only_hacker)):
+            name = f"submission/remasked/{system}/{kind}"
+            assert metrics[f"{name}/leaderboard"] == pytest.approx(ev["leaderboard"]), name
+            assert metrics[f"{name}/ssim/acc4"] == pytest.approx(ev["acc4"]), name
+            means[system].append(ev["leaderboard"])
+    for system, values in means.items():
+        assert metrics[f"submission/remasked/{system}/leaderboard"] == pytest.approx(sum(values) / 2)
+    # the budget verdict is the submission's own reconstruction, not the extra ones
+    assert metrics["time/total_s"] == pytest.approx(result.recon.total_s) and metrics["time/robustness_s"] > 0
+
+    # --no-robustness: none of it
+    off = submit(leaderboard, tmp_path / "off", classifier=None, anatomy_from_filename=True, stores=stores,
+                 num_workers=0, robustness=False)
+    run = make_client(stores).get_run(off.run_id)
+    assert run.data.params["robustness"] == "off" and off.robustness is None
+    assert not any(k.startswith("submission/remasked/") for k in run.data.metrics)
+    with pytest.raises(InputError, match="robustness needs evaluation"):
+        submit(leaderboard, tmp_path / "bad", classifier=None, anatomy_from_filename=True, stores=stores,
+               evaluate=False, robustness=True)
 
 
 def test_overrides_and_bad_reference(
