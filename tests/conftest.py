@@ -57,3 +57,17 @@ def stores(home: Path):
 
     uri = f"sqlite:///{home / 'mlflow.db'}"
     return Stores(tracking_uri=uri, registry_uri=uri, home=home, artifact_root=home / "artifacts")
+
+
+@pytest.fixture(autouse=True)
+def _restore_determinism_flags():
+    """A test that runs a tracked stage in-process seeds like an entry point (``seed_everything``), which sets
+    torch's global determinism flags; put them back so later tests see the defaults they assume."""
+    import torch
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+

@@ -214,10 +214,12 @@ def test_registry_loader_refuses_pickled_code(tmp_path: Path, home: Path, stores
 
     info = register_stage(save_tiny_checkpoint(tmp_path / "best.pt", kind="baseline", seed=3), stores=stores)
     # the stored weights replaced by a crafted file whose hash is put in the tag: only the unpickler can refuse it
-    weights = Path(info.source.removeprefix("file://")) / WEIGHTS_FILE
+    client = MlflowClient(stores.tracking_uri, stores.registry_uri)
+    location = client.get_model_version_download_uri(info.name, str(info.version))  # the version's files
+    weights = Path(location.removeprefix("file://")) / WEIGHTS_FILE
+    assert weights.is_file()
     crafted_checkpoint(weights, seed=3)
-    MlflowClient(stores.tracking_uri, stores.registry_uri).set_model_version_tag(
-        info.name, str(info.version), "weights_sha256", file_sha256(weights))
+    client.set_model_version_tag(info.name, str(info.version), "weights_sha256", file_sha256(weights))
 
     with pytest.raises(InputError) as caught:
         load_version(info.uri, stores=stores)

@@ -168,11 +168,11 @@ def test_pickled_code_is_refused_by_every_loading_path(tmp_path: Path, stores: S
 
     mlflow.set_tracking_uri(stores.tracking_uri)
     mlflow.set_registry_uri(stores.registry_uri)
-    with pytest.raises(InputError, match="cannot be read as a smartify checkpoint") as by_pyfunc:
+    with pytest.raises(InputError, match="refused: it holds pickled code") as by_pyfunc:
         mlflow.pyfunc.load_model(info.uri)
-    with pytest.raises(InputError, match="cannot be read as a smartify checkpoint") as by_loader:
+    with pytest.raises(InputError, match="refused: it holds pickled code") as by_loader:
         load_version(info.uri, stores=stores)
-    with pytest.raises(InputError, match="cannot be read as a smartify checkpoint"):
+    with pytest.raises(InputError, match="refused: it holds pickled code"):
         register_stage(weights, stores=stores)
     for error in (by_pyfunc.value, by_loader.value):
         assert "\n" not in str(error)

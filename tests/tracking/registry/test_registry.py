@@ -230,5 +230,5 @@ def test_models_cli_registers_and_lists(
     lines = proc.stdout.strip().splitlines()
     assert lines[0].split()[:5] == ["NAME", "VERSION", "ALIASES", "METRIC", "SCORE"]
     row = next(line.split() for line in lines[1:] if "cli_stage" in line)
-    assert row[:5] == ["smartify-hacker", str(version.version), "champion", "ssim", "0.5000"]
+    assert row[:5] == ["smartify-hacker", str(version.version), "champion", "val/ssim", "0.5000"]
     assert len(lines) - 1 == len(list_versions("smartify-hacker", stores))
