@@ -47,9 +47,21 @@ def test_weights_output_and_gradients_equal_the_golden_file(golden: dict, name: 
 def test_checkpointing_and_per_coil_match_the_golden_file(golden: dict, ckpt: bool, per_coil: bool) -> None:
     cfg = case_config("adj3").replace(use_checkpoint=ckpt, sens_use_checkpoint=ckpt, sens_per_coil=per_coil)
     new = compute("adj3", PromptMR(cfg))
+    _close(new["image"], golden["adj3"]["image"], "no-grad image")  # per-coil batches its coils without a graph
     _close(new["image_grad_mode"], golden["adj3"]["image_grad_mode"], "image with grad")
     _close(new["grads"], golden["adj3"]["grads"], "gradients")
 
 
 def test_smartify_preset_weights_equal_the_golden_file(golden: dict) -> None:
     _sums_equal(checksums(PromptMR(PromptMRConfig.preset("smartify"))), golden["smartify"])
+
+
+def test_inference_mode_equals_the_golden_no_grad_output(golden: dict) -> None:
+    from tests.recon.models.golden import case_input
+
+    model = PromptMR(case_config("adj3").replace(sens_per_coil=True))
+    kspace, mask = case_input("adj3")
+    with torch.inference_mode():
+        out = model(kspace, mask, -1)
+    _close(out.image, golden["adj3"]["image"], "inference-mode image")
+    _close(out.sens_maps, golden["adj3"]["sens_maps"], "inference-mode maps")
