@@ -220,7 +220,7 @@ def print_table(records: list[dict[str, Any]], args: argparse.Namespace) -> None
                     f"{100 * r['forward_fraction']:8.1f}% {100 * r['train_step_fraction']:9.1f}%")
         print(row)
     if args.flops:
-        print(f"peak GFLOP/s per round (conv2d / matmul): " + ", ".join(
+        print("peak GFLOP/s per round (conv2d / matmul): " + ", ".join(
             f"{p['conv_gflops']:.1f}/{p['matmul_gflops']:.1f} @{p['load1']:.1f}" for p in records[0]["peaks"]))
 
 
