@@ -62,9 +62,10 @@ class Arm:
         if self.proc is not None and self.proc.poll() is None:
             try:
                 self.ask({"op": "exit"})
-            except RuntimeError:
-                pass
-            self.proc.wait(timeout=60)
+                self.proc.wait(timeout=60)
+            except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired):
+                self.proc.kill()  # our own child, by its handle
+                self.proc.wait()
 
     def _read(self) -> dict[str, Any]:
         assert self.proc is not None and self.proc.stdout is not None
@@ -108,13 +109,23 @@ def fmt(values: list[float], loads: list[float], digits: int = 2) -> str:
 
 def serve(handlers: dict[str, Callable[[dict[str, Any]], dict[str, Any]]], info: dict[str, Any]) -> None:
     """Child side: print ``info``, then answer requests ``{"op": name, ...}`` until ``exit`` or end of input."""
-    print(json.dumps(info), flush=True)
+    # The protocol gets the original stdout to itself; anything else printed (console callbacks, logging set up
+    # on stdout) goes to stderr, so it cannot be mistaken for an answer.
+    proto = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def answer(obj: dict[str, Any]) -> None:
+        proto.write(json.dumps(obj) + "\n")
+        proto.flush()
+
+    answer(info)
     for line in sys.stdin:
         request = json.loads(line)
         if request["op"] == "exit":
-            print(json.dumps({}), flush=True)
+            answer({})
             return
-        print(json.dumps(handlers[request["op"]](request)), flush=True)
+        answer(handlers[request["op"]](request))
 
 
 def timed(fn: Callable[[], Any]) -> dict[str, float]:
