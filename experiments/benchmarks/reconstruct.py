@@ -65,7 +65,7 @@ def time_shape(model: PromptMR, anatomy: str, args: argparse.Namespace, device: 
     kspace, mask, nlf = make_input(anatomy, args.adj, args.batch, device)
     use_amp = args.amp and device.type == "cuda"
     passes = max(1, -(-args.slices // args.batch))
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
         for _ in range(args.warmup):
             model(kspace, mask, nlf)
         _sync(device)

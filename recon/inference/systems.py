@@ -145,7 +145,7 @@ class ReconSystem:
             have = ", ".join(self.experts or ())
             raise InputError(f"{self.source}: the {self.name} system has no expert {expert!r} (it has {have})")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def reconstruct(self, batch: ReconBatch, expert: str) -> torch.Tensor:
         """Reconstruct a batch with the named expert (a single model ignores the name).
 

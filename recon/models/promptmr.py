@@ -27,13 +27,14 @@ ACS detection is per sample.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from recon.fft import ifft2c
-from recon.models.blocks import ActFactory
+from recon.models.blocks import ActFactory, PromptBlock
 from recon.models.checkpointing import run_region
 from recon.models.config import PromptMRConfig
 from recon.models.ops import column_multiplier, expand_reduce, low_frequency_columns
@@ -113,7 +114,8 @@ class PromptMR(nn.Module):
     """PromptMR+ with a learned sensitivity network and ``num_cascades`` image-domain cascades.
 
     Construction is deterministic from ``cfg.seed`` (weights with torch's default initialisation, fixed prompts
-    from ``torch.rand``) and leaves the global RNG state untouched. Move it to float64 with ``.double()`` for
+    from ``torch.rand``, see :func:`initialise`) and leaves every global generator untouched: the weights are
+    the same on every device (drawn on the CPU and copied). Move it to float64 with ``.double()`` for
     complex128 inputs.
 
     Args:
@@ -125,12 +127,15 @@ class PromptMR(nn.Module):
         if not isinstance(cfg, PromptMRConfig):
             raise TypeError(f"PromptMR expects a PromptMRConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        devices = [torch.cuda.current_device()] if torch.get_default_device().type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(cfg.seed)
+        target = torch.get_default_device()
+        # Built on the meta device (no draws, no memory), then every draw comes from one local CPU generator in
+        # construction order, so no global generator (CPU or CUDA) is read, seeded or advanced.
+        with torch.device("meta"):
             act = ActFactory(nn.PReLU() if cfg.shared_prelu else None)
             self.sens_net = SensitivityNet(cfg, act)
             self.cascades = nn.ModuleList([Cascade(cfg, act) for _ in range(cfg.num_cascades)])
+        self.to_empty(device=target)
+        initialise(self, torch.Generator().manual_seed(cfg.seed))
 
     def forward(self, masked_kspace: torch.Tensor, mask: torch.Tensor,
                 num_low_frequencies: int | torch.Tensor = -1) -> PromptMROutput:
@@ -200,6 +205,53 @@ class PromptMR(nn.Module):
             if bool(bad.any()):
                 raise ValueError(f"PromptMR: num_low_frequencies must be -1 or in 1..{w}, got {nlf.tolist()}")
         return kspace, mask, nlf
+
+
+def initialise(model: nn.Module, generator: torch.Generator) -> None:
+    """Draw every parameter of ``model`` from ``generator`` as torch's default initialisation would, in order.
+
+    The order of the draws is the order of construction (each module's own parameters before its children's),
+    and each draw is the one ``reset_parameters`` makes (``kaiming_uniform_(a=sqrt(5))`` for the weights of
+    convolutions and linear layers, ``uniform(±1/sqrt(fan_in))`` for their biases, ``rand`` for the prompts),
+    so the weights equal those of the same modules built after ``torch.manual_seed(seed)``. Draws happen on the
+    CPU and are copied to the parameter's device (nothing is drawn for the ``meta`` device). A shared module is
+    initialised once.
+
+    Args:
+        model: a module built from Conv2d, Linear, PReLU, :class:`PromptBlock` and plain parameters (``ones``).
+        generator: a CPU generator, consumed.
+
+    Raises:
+        TypeError: a module with parameters of an unknown kind (its initialisation would be guessed).
+    """
+    seen: set[int] = set()
+    for module in model.modules():
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, PromptBlock):
+            _fill(module.prompt, torch.rand(module.prompt.shape, generator=generator))
+        elif isinstance(module, (nn.Conv2d, nn.Linear)):
+            weight = torch.empty(module.weight.shape)
+            nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+            _fill(module.weight, weight)
+            if module.bias is not None:
+                fan_in = weight[0].numel()
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+                _fill(module.bias, torch.empty(module.bias.shape).uniform_(-bound, bound, generator=generator))
+        elif isinstance(module, nn.PReLU):
+            _fill(module.weight, torch.full(module.weight.shape, module.init))
+        elif isinstance(module, Cascade):
+            _fill(module.dc_weight, torch.ones(module.dc_weight.shape))
+        elif any(True for _ in module.parameters(recurse=False)):
+            raise TypeError(f"initialise: no rule for the parameters of {type(module).__name__}")
+
+
+def _fill(param: torch.Tensor, value: torch.Tensor) -> None:
+    if param.is_meta:
+        return
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

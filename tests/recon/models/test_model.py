@@ -126,6 +126,31 @@ def test_construction_is_deterministic_and_leaves_global_rng_alone() -> None:
         assert torch.equal(m1(k, mask, -1).image, m3(k, mask, -1).image)
 
 
+def test_construction_queues_no_cuda_seed() -> None:
+    # torch.manual_seed would queue a lazy manual_seed_all for CUDA (replayed when CUDA initialises); the model
+    # must not, so that building it cannot change a later CUDA stream of random numbers.
+    initialised = torch.cuda.is_initialized()
+    seeds = [id(call) for call in torch.cuda._lazy_seed_tracker.get_calls()]
+    queued = len(torch.cuda._queued_calls)
+    PromptMR(tiny_config())
+    assert [id(call) for call in torch.cuda._lazy_seed_tracker.get_calls()] == seeds
+    assert len(torch.cuda._queued_calls) == queued
+    assert torch.cuda.is_initialized() == initialised
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_construction_on_cuda_leaves_cuda_generators_alone_and_equals_cpu_weights() -> None:
+    cpu = PromptMR(tiny_config()).state_dict()
+    states = torch.cuda.get_rng_state_all()
+    with torch.device("cuda"):
+        model = PromptMR(tiny_config())
+    assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), states))
+    gpu = model.state_dict()
+    assert all(v.is_cuda for v in gpu.values())
+    assert all(torch.equal(cpu[k], gpu[k].cpu()) for k in cpu)
+
+
 # ----- shapes and conventions ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("a, h, w", [(1, 64, 70), (1, 72, 65), (3, 72, 65)])
 def test_output_shapes_on_odd_sizes(a: int, h: int, w: int) -> None:
