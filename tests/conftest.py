@@ -60,14 +60,20 @@ def stores(home: Path):
 
 
 @pytest.fixture(autouse=True)
-def _restore_determinism_flags():
-    """A test that runs a tracked stage in-process seeds like an entry point (``seed_everything``), which sets
-    torch's global determinism flags; put them back so later tests see the defaults they assume."""
+def _restore_global_state():
+    """A test that runs a tracked stage or a trial in-process seeds like an entry point (``seed_everything``):
+    the global RNGs and torch's determinism flags. Put them back so later tests see what they assume."""
+    import random
+
+    import numpy as np
     import torch
 
-    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     yield
-    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
-
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
+    torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags[2], flags[3]

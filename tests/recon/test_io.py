@@ -7,7 +7,6 @@ root (skipped with the reason otherwise), through ``save_checkpoint``, a plain w
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import os
@@ -15,7 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -26,6 +25,7 @@ import recon.io
 from recon.engine.checkpoint import save_checkpoint
 from recon.errors import InputError, StorageError
 from recon.io import atomic_path, is_no_space, list_h5, open_h5, write_text_atomic
+from tests.mounts import tmpfs
 
 REPO = Path(__file__).resolve().parents[2]
 TORCH_FAILURE = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"
@@ -85,25 +85,6 @@ def test_open_h5_errors_name_the_file(tmp_path: Path) -> None:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@contextlib.contextmanager
-def _tmpfs(folder: Path, size: str = "1m") -> Iterator[Path]:
-    """Mount a tmpfs of ``size`` on ``folder`` for the block (skips the test when that is impossible)."""
-    if os.geteuid() != 0:
-        pytest.skip("a real full disk needs a tmpfs mount, and mounting needs root (tests run as a user)")
-    folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs on {folder}: {(done.stderr or done.stdout).strip()}")
-    try:
-        yield folder
-    finally:
-        busy = subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0
-        if busy:  # never leave a mount behind; the assertion below reports the open file
-            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
-    assert not busy, f"{folder}: busy after the test (a failed writer kept its deleted temp file open)"
 
 
 def _chained_enospc() -> BaseException:
@@ -167,7 +148,7 @@ def _write_h5(tmp: Path) -> None:
 
 @pytest.mark.parametrize("writer", [_write_torch, _write_plain, _write_h5], ids=["torch", "plain", "h5py"])
 def test_full_tmpfs_through_atomic_path(tmp_path: Path, writer: Callable[[Path], None]) -> None:
-    with _tmpfs(tmp_path / "disk") as disk:
+    with tmpfs(tmp_path / "disk") as disk:
         dest = disk / "checkpoints" / "last.pt"
         with atomic_path(dest) as tmp:
             tmp.write_bytes(b"previous result")
@@ -182,7 +163,7 @@ def test_full_tmpfs_through_atomic_path(tmp_path: Path, writer: Callable[[Path],
 
 
 def test_full_tmpfs_through_save_checkpoint(tmp_path: Path) -> None:
-    with _tmpfs(tmp_path / "disk") as disk:
+    with tmpfs(tmp_path / "disk") as disk:
         dest = disk / "checkpoints" / "best.pt"
         save_checkpoint(dest, {"kind": "baseline", "epoch": 0, "state_dict": {"w": torch.ones(16)}})
         before = _sha256(dest)
@@ -198,7 +179,7 @@ def test_full_tmpfs_through_save_checkpoint(tmp_path: Path) -> None:
 
 
 def test_train_into_a_full_output_dir_exits_2_with_one_line(tiny_data: Path, tmp_path: Path) -> None:
-    with _tmpfs(tmp_path / "disk", size="2m") as disk:
+    with tmpfs(tmp_path / "disk", size="2m") as disk:
         out = disk / "run"
         cmd = [sys.executable, "-m", "tracking.cli", "train", "experiments/tiny/hacker_baseline.yaml", "--no-tracking",
                "--set", f"data.root={tiny_data}", "--set", f"output.dir={out}", "--set", "train.epochs=1"]

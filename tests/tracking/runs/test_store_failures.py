@@ -12,34 +12,17 @@ import re
 import socket
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
 
 from tracking.runs.failures import FailureLog, is_store_full
 from tracking.runs.spool import Spool
+from tests.mounts import tmpfs
 
 TINY = Path(__file__).resolve().parents[3] / "experiments" / "tiny"
 FAST = ["data.max_train_slices=2", "data.max_val_slices=4", "train.panel_every=0", "train.epochs=2"]
-
-
-@contextmanager
-def tmpfs(folder: Path, size: str = "64k") -> Iterator[Path]:
-    """Mount a small tmpfs on ``folder`` for the block (skips the test when that is not possible)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (the tests run as root in CI)")
-    folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs on {folder}: {done.stderr.strip()}")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
 def _fill(folder: Path) -> None:
@@ -79,7 +62,7 @@ def test_full_artifact_store_costs_one_warning_and_training_finishes(tiny_data: 
     from mlflow.tracking import MlflowClient
 
     home, out = _isolated_tracking, tmp_path / "stage"
-    with tmpfs(home / "artifacts"):
+    with tmpfs(home / "artifacts", size="64k", strict=False):
         done = _train(tiny_data, out)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
@@ -113,7 +96,7 @@ def test_unreachable_server_and_full_spool_never_stop_training(tiny_data: Path, 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "stage"
-    with tmpfs(_isolated_tracking / "spool") as spool_dir:
+    with tmpfs(_isolated_tracking / "spool", size="64k", strict=False) as spool_dir:
         _fill(spool_dir)
         done = _train(tiny_data, out, {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
         left = sorted(p.name for p in spool_dir.iterdir())

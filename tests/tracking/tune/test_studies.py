@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 import torch
@@ -28,19 +26,6 @@ from tracking.tune.study import TuneOptions, run_tune
 ROOT = Path(__file__).resolve().parents[3]
 TINY = ROOT / "experiments" / "tiny"
 FAST = ("data.max_train_slices=2",)  # the tune files validate on 4 slices: both accelerations, so val/leaderboard
-
-
-@pytest.fixture(autouse=True)
-def _restore_global_state():
-    """Trials seed the global RNGs and determinism flags (they are entry points); put them back for other tests."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic
-    yield
-    random.setstate(states[0])
-    np.random.set_state(states[1])
-    torch.set_rng_state(states[2])
-    torch.use_deterministic_algorithms(flags[0])
-    torch.backends.cudnn.deterministic = flags[1]
 
 
 def write_tune(tmp: Path, source: str, name: str | None = None, **changes) -> Path:

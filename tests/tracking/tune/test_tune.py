@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import time
 import weakref
 from pathlib import Path
 
-import numpy as np
 import optuna
 import pytest
 import torch
@@ -30,19 +28,6 @@ ROOT = Path(__file__).resolve().parents[3]
 TINY_TUNE = ROOT / "experiments" / "tiny" / "tune.yaml"
 TINY_BASE = ROOT / "experiments" / "tiny" / "hacker_baseline.yaml"
 FAST = ("data.max_train_slices=2", "data.max_val_slices=2")
-
-
-@pytest.fixture(autouse=True)
-def _restore_global_state():
-    """Trials seed the global RNGs and determinism flags (they are entry points); put them back for other tests."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    flags = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic
-    yield
-    random.setstate(states[0])
-    np.random.set_state(states[1])
-    torch.set_rng_state(states[2])
-    torch.use_deterministic_algorithms(flags[0])
-    torch.backends.cudnn.deterministic = flags[1]
 
 
 def write_tune(tmp: Path, name: str = "tune.yaml", **changes) -> Path:
