@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -190,7 +191,16 @@ def run(args: argparse.Namespace) -> int:
         argv = _worker_argv(args, prepared.storage_url, prepared.study.study_name, n)
         log.info("starting worker: %s", " ".join(argv))
         procs.append(subprocess.Popen(argv))
-    codes = [p.wait() for p in procs]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM to this parent only (``timeout``): stop the workers too
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait()
+        prepared.session.abandon_study_run()  # this process created the study's run
+        raise
     failed = [c for c in codes if c != 0]
     if failed:
         log.error("%d of %d workers exited with an error (codes %s)", len(failed), len(codes), failed)
