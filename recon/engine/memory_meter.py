@@ -31,6 +31,18 @@ import torch
 _MIB = 2**20
 
 
+#: What each memory metric of a stage run means (the tracking layer logs this beside the run as ``metrics.md``).
+METRIC_DOCS = {
+    "memory/cuda_allocated_peak_mb": "CUDA only: peak MiB held by tensors in the epoch (allocator, reset per epoch)",
+    "memory/cuda_reserved_peak_mb": "CUDA only: peak MiB reserved from the driver in the epoch; does it fit in "
+                                    "8 GB = this below 8192 minus the CUDA context",
+    "memory/cpu_rss_peak_mb": "peak resident host memory of the process in the epoch (sampled every 20 ms; "
+                              "DataLoader workers not included)",
+    "memory/probe_predicted_mb": "the memory probe's prediction of one training step's peak (meta device on "
+                                 "CPU): the 8 GB answer of a CPU run",
+}
+
+
 class _RssSampler:
     """A daemon thread keeping the largest RSS it reads, every ``interval_s``, until stopped."""
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from recon.config import dump_yaml
+from recon.engine.memory_meter import METRIC_DOCS
 from recon.events import Callback, CheckpointSaved, Divergence, EpochEnd, StageEnd, StageStart
 from tracking.runs import RUN_ID_KEY, plots
 from tracking.runs.environment import environment_tags, git_state
@@ -48,6 +49,13 @@ STATUS = {"finished": "FINISHED", "diverged": "FAILED", "failed": "FAILED", "kil
 CURVE_PREFIXES = ("train/", "val/", "best_")
 DESCRIPTION_TAG = "mlflow.note.content"
 PANEL_KEY = "reconstruction"
+
+
+def metric_docs() -> str:
+    """The run-level documentation of the memory metrics (``metrics.md``), from their one definition."""
+    rows = [f"| `{name}` | {text} |" for name, text in METRIC_DOCS.items()]
+    return "\n".join(["# Memory metrics of this run", "", "| metric | meaning |", "|---|---|", *rows,
+                      "", "Every metric and its unit: README, section \"Metric names\"."]) + "\n"
 
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Any])
@@ -146,6 +154,7 @@ class MLflowCallback(Callback):
         self._log_config(event.config, "config.yaml")
         self._log_text(json.dumps(event.data_fingerprint, indent=1, sort_keys=True, default=str),
                        "data_fingerprint.json")
+        self._log_text(metric_docs(), "metrics.md")
         self._start_monitor(resume=False)
         log.info("mlflow run %s (%s) for stage %s", self.run_id, self.stores.describe()["tracking_uri"], event.stage)
 

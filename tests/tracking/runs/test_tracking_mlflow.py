@@ -134,8 +134,12 @@ def test_stage_run_has_params_tags_metrics_artifacts_and_plots(stores, client, t
     assert run.data.metrics["memory/cpu_rss_peak_mb"] == 323.0
 
     arts = artifact_paths(client, run_id)
-    assert {"config.yaml", "data_fingerprint.json", "checkpoints/best.pt", "checkpoints/last.pt",
+    assert {"config.yaml", "data_fingerprint.json", "metrics.md", "checkpoints/best.pt", "checkpoints/last.pt",
             "plots/curves.png", "plots/schedules.png"} <= arts
+    from recon.engine.memory_meter import METRIC_DOCS
+
+    docs = Path(client.download_artifacts(run_id, "metrics.md", str(tmp_path / "docs"))).read_text()
+    assert all(f"`{name}` | {text} |" in docs for name, text in METRIC_DOCS.items())  # run-level documentation
     panels = sorted(a for a in arts if a.startswith("images/"))  # log_image series: one step per panel epoch
     assert len(panels) == 2 and all(a.startswith("images/reconstruction~brain_acc4_1.h5_3+step+1+") for a in panels)
     local = Path(client.download_artifacts(run_id, "checkpoints/last.pt", str(tmp_path / "dl")))
@@ -283,12 +287,13 @@ def test_unreachable_server_spools_without_blocking(tmp_path, monkeypatch):
     run_id = cb.state_dict()["mlflow_run_id"]
     assert is_placeholder(run_id)
     pending = spool_summary(stores.spool_dir)
-    # create_run, params, datasets, config, fingerprint, 3 x (metrics, 2 plots, 2 checkpoints, best tags), panel
-    # image, end tags, end
-    assert pending == {run_id: 5 + 3 * 6 + 1 + 2}
+    # create_run, params, datasets, config, fingerprint, metric docs, 3 x (metrics, 2 plots, 2 checkpoints, best
+    # tags), panel image, end tags, end
+    assert pending == {run_id: 6 + 3 * 6 + 1 + 2}
     # superseded artifacts keep one spooled file per destination
     files = sorted(p.name.split("-", 1)[1] for p in (stores.spool_dir / f"{run_id}.files").iterdir())
-    assert files == sorted(["config.yaml", "data_fingerprint.json", "curves.png", "schedules.png", "last.pt",
+    assert files == sorted(["config.yaml", "data_fingerprint.json", "metrics.md", "curves.png", "schedules.png",
+                            "last.pt",
                             "best.pt", "brain_acc4_1.h5_3_epoch0001.png"])
 
 
