@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 TINY = Path(__file__).resolve().parents[2] / "experiments" / "tiny"
 FAST = ["data.max_train_slices=2", "data.max_val_slices=4", "train.panel_every=0"]
 
 
+@pytest.mark.slow  # a tracked pipeline or study of subprocess stages (about a minute)
 def test_pipeline_trains_registers_promotes_and_submits(tiny_data, tmp_path, _isolated_tracking):
     pipeline = {
         "name": "ci",
@@ -74,6 +76,7 @@ def test_pipeline_trains_registers_promotes_and_submits(tiny_data, tmp_path, _is
     assert all(parents[0].data.params[f"step/{step['name']}/status"] for step in pipeline["steps"])
 
 
+@pytest.mark.slow  # a tracked pipeline or study of subprocess stages (about a minute)
 def test_tuned_overlay_flows_into_the_moe_stage(tiny_data, tmp_path, _isolated_tracking):
     fast = ["data.max_train_slices=2", "train.panel_every=0"]
     pipeline = {

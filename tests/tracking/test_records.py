@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 TINY = Path(__file__).resolve().parents[2] / "experiments" / "tiny"
@@ -46,6 +47,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow  # a tracked pipeline or study of subprocess stages (about a minute)
 def test_pipeline_records_hold_what_ran(tiny_data, tmp_path, _isolated_tracking):
     import optuna
     from mlflow.tracking import MlflowClient

@@ -180,6 +180,7 @@ def test_resume_and_overwrite_exclude_each_other(tiny_data: Path, tmp_path: Path
 # ------------------------------------------------------------------ pipelines: a re-run is a new workdir
 
 
+@pytest.mark.slow  # a tracked pipeline or study of subprocess stages (about a minute)
 def test_a_pipeline_rerun_writes_a_new_numbered_workdir(tiny_data: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 

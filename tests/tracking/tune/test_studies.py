@@ -78,6 +78,7 @@ def baseline(tmp: Path, tiny_data: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # a tracked pipeline or study of subprocess stages (about a minute)
 def test_moe_aug_trials_start_from_the_checkpoint_and_ramp_p_aug(tmp_path, tiny_data, _isolated_tracking):
     folder = baseline(tmp_path, tiny_data)
     donor = Checkpoint.load(folder, which="best")
