@@ -124,7 +124,10 @@ def live_peak_bytes(fn: Any) -> int:
 
 def child(spec: dict[str, Any]) -> None:
     """Serve one arm: build the model and input, warm up, then answer ``forward``/``step``/``flops``/``profile``."""
-    from recon.engine.memory import autograd_saved_bytes, probe_training_step
+    try:
+        from recon.engine.memory import autograd_saved_bytes, probe_training_step
+    except ImportError:  # code trees from before the memory probe moved under engine/ (--code)
+        from recon.memory import autograd_saved_bytes, probe_training_step  # type: ignore[no-redef]
 
     torch.set_num_threads(spec["threads"])
     cfg = PromptMRConfig.from_dict(spec["config"])
