@@ -4,7 +4,10 @@ The parameter layout follows upstream exactly (so parameter counts match), but t
 that is exact and saves work:
 
 * channel attention runs its 1x1 convolutions as ``linear`` on the pooled ``(B, C)`` vector and fuses
-  ``x + res * attention`` into one ``addcmul``;
+  ``x + res * attention`` into one ``addcmul``, with a hand-written backward
+  (:class:`recon.models.kernels.ChannelAttention`);
+* the CAB convolutions take their weight gradient from matrix products on the CPU at 32+ channels
+  (:func:`recon.models.kernels.conv2d_same`);
 * ``UpBlock`` merges the two consecutive 1x1 convolutions (``reduce`` then the up-projection) into one product
   weight and applies it *before* the bilinear up-sampling (both are linear and act on different axes, so they
   commute), which runs the convolution at a quarter of the pixels;
@@ -19,6 +22,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from recon.models.kernels import ChannelAttention, conv2d_same
 
 
 def conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = False, stride: int = 1) -> nn.Conv2d:
@@ -52,13 +57,10 @@ class CAB(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the block to ``x`` of shape ``(B, C, H, W)``."""
-        res = self.conv2(F.prelu(self.conv1(x), self.act.weight))
+        res = conv2d_same(F.prelu(conv2d_same(x, self.conv1.weight), self.act.weight), self.conv2.weight)
         if not self.use_ca:
             return x + res
-        pooled = res.mean(dim=(-2, -1))
-        hidden = F.relu(F.linear(pooled, self.ca_down.weight.flatten(1)))
-        scale = torch.sigmoid(F.linear(hidden, self.ca_up.weight.flatten(1)))
-        return torch.addcmul(x, res, scale[:, :, None, None])
+        return ChannelAttention.apply(x, res, self.ca_down.weight.flatten(1), self.ca_up.weight.flatten(1))
 
 
 def cab_stack(n: int, channels: int, kernel_size: int, reduction: int, act: ActFactory,
