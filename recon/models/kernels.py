@@ -1,4 +1,4 @@
-"""Hand-written backward passes for the two hot spots of a CPU training step (docs/promptmr.md section 5).
+"""Hand-written backward passes for the two hot spots of a CPU training step (docs/promptmr.md section 6).
 
 Both compute the same function as the plain PyTorch expressions they replace; their forward passes are the same
 operators, so outputs are bit-identical. Their gradients differ only in the order of floating-point sums (well
