@@ -25,14 +25,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     long ones start at once instead of leaving one worker alone with them at the end. The order of the
     tests inside a module is kept.
     """
-    weight: dict[str, int] = {}
-    first: dict[str, int] = {}
-    for i, item in enumerate(items):
-        module = item.nodeid.split("::", 1)[0]
-        first.setdefault(module, i)
+    weight: dict[str, int] = {}  # in order of first appearance
+    for item in items:
         heavy = item.get_closest_marker("slow") or item.get_closest_marker("integration")
-        weight[module] = weight.get(module, 0) + (1 if heavy else 0)
-    items.sort(key=lambda it: (-weight[it.nodeid.split("::", 1)[0]], first[it.nodeid.split("::", 1)[0]]))
+        weight[item.path] = weight.get(item.path, 0) + (1 if heavy else 0)
+    first = {path: i for i, path in enumerate(weight)}
+    items.sort(key=lambda it: (-weight[it.path], first[it.path]))  # a stable sort keeps each module's order
 
 
 @pytest.fixture(scope="session")

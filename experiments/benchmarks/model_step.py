@@ -69,6 +69,17 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def parse_code_trees(items: list[str]) -> list[tuple[str, str]]:
+    """``--code LABEL=PATH`` values to ``(label, absolute path)``; PATH must hold a ``recon`` package."""
+    trees = []
+    for item in items:
+        label, sep, root = item.partition("=")
+        if not sep or not label or not os.path.isdir(os.path.join(root, "recon")):
+            raise InputError(f"--code {item!r}: expected LABEL=PATH with PATH/recon a package folder")
+        trees.append((label, os.path.abspath(root)))
+    return trees
+
+
 def synthetic_input(adj: int, coils: int, height: int, width: int,
                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
     """A phantom (ellipses) times smooth coil maps, scaled like fastMRI k-space, public 4x mask.
@@ -187,7 +198,7 @@ def child(spec: dict[str, Any]) -> None:
 def make_arms(args: argparse.Namespace, base: PromptMRConfig, overrides: dict[str, Any]) -> list[Arm]:
     """One arm per (code tree, checkpointing, per-coil sensitivities)."""
     both = {"off": [False], "on": [True], "both": [False, True]}
-    codes = [("", "")] + [tuple(c.split("=", 1)) for c in args.code]  # type: ignore[misc]
+    codes = [("", "")] + parse_code_trees(args.code)
     arms = []
     for code, root in codes:
         for ckpt in both[args.checkpoint]:
@@ -197,7 +208,7 @@ def make_arms(args: argparse.Namespace, base: PromptMRConfig, overrides: dict[st
                         "threads": args.threads}
                 label = f"{code + ' ' if code else ''}ckpt={'on' if ckpt else 'off'} " \
                         f"per_coil={'on' if per_coil else 'off'}"
-                env = {"PYTHONPATH": os.path.abspath(root)} if root else {}
+                env = {"PYTHONPATH": root} if root else {}
                 if args.thp:
                     env["THP_MEM_ALLOC_ENABLE"] = "1"
                 arm = Arm(label, [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)], env)
@@ -279,10 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.rounds < 3:
             raise InputError(f"--rounds {args.rounds}: expected at least 3 (a median and a spread)")
-        for item in args.code:
-            label, sep, root = item.partition("=")
-            if not sep or not label or not os.path.isdir(os.path.join(root, "recon")):
-                raise InputError(f"--code {item!r}: expected LABEL=PATH with PATH/recon a package folder")
+        parse_code_trees(args.code)
         overrides = parse_overrides(args.set)
         if args.adj is not None:
             overrides["num_adj_slices"] = args.adj

@@ -95,13 +95,16 @@ def main() -> int:
     if not args.code:
         print("error: --code LABEL=PATH: at least one tree to compare with is needed", file=sys.stderr)
         return 2
-    trees = [("this", os.path.dirname(os.path.dirname(HERE)))]
-    for item in args.code:
-        label, sep, root = item.partition("=")
-        if not sep or not label or not os.path.isdir(os.path.join(root, "recon")):
-            print(f"error: --code {item!r}: expected LABEL=PATH with PATH/recon a package folder", file=sys.stderr)
-            return 2
-        trees.append((label, os.path.abspath(root)))
+    sys.path.insert(0, HERE)
+    from model_step import parse_code_trees
+
+    from recon.errors import InputError
+
+    try:
+        trees = [("this", os.path.dirname(os.path.dirname(HERE))), *parse_code_trees(args.code)]
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     runs = trees + ([(f"{trees[1][0]} fp64", trees[1][1])] if args.fp64 else [])
     common = ["--preset", args.preset, "--coils", str(args.coils), "--height", str(args.height), "--width",
               str(args.width), "--checkpoint", args.checkpoint, "--sens-per-coil", args.sens_per_coil,

@@ -64,7 +64,7 @@ def child(spec: dict[str, Any]) -> None:
         # a figure that the epoch-to-epoch noise of a shared machine does not drown.
         from tracking.runs.callback import MLflowCallback
 
-        for hook in ("on_stage_start", "on_epoch_end", "on_checkpoint", "on_divergence", "on_stage_end"):
+        for hook in ("on_epoch_end", "on_checkpoint"):
             plain = getattr(MLflowCallback, hook)
 
             def timed_hook(self: Any, event: Any, _plain: Any = plain, _hook: str = hook) -> None:
@@ -72,9 +72,8 @@ def child(spec: dict[str, Any]) -> None:
                 try:
                     _plain(self, event)
                 finally:
-                    if _hook in ("on_epoch_end", "on_checkpoint"):
-                        in_callback["s"] += time.perf_counter() - start
-                        in_callback["epochs"] += _hook == "on_epoch_end"
+                    in_callback["s"] += time.perf_counter() - start
+                    in_callback["epochs"] += _hook == "on_epoch_end"
 
             setattr(MLflowCallback, hook, timed_hook)
 
