@@ -6,7 +6,10 @@ params once; the stage's description as the run description; the training and va
 MLflow datasets (digest = the data fingerprint); environment, git and lineage as tags; one
 ``log_batch`` per epoch with ``step=epoch``; the resolved config, the data fingerprint, the
 best/last checkpoints and plots as artifacts, reconstruction panels as image series with one step
-per epoch (``MlflowClient.log_image``). The run id is stored in every checkpoint
+per epoch (``MlflowClient.log_image``). The PNG plots (``plots/curves.png``, ``plots/schedules.png``) are
+redrawn only on the epochs that carry panels (every ``train.panel_every`` epochs), after the stage's last epoch
+and when the stage ends with epochs they do not show yet: matplotlib takes about 1 s of the training thread
+per redraw, while the metrics themselves are logged every epoch and charted live by the MLflow UI. The run id is stored in every checkpoint
 (:meth:`MLflowCallback.state_dict`), so ``--resume`` reopens the same run: steps the run already
 has are not logged again and params keep their first value (a changed one is listed in the tag
 ``resume.changed_params``). Every write goes through :class:`tracking.runs.writer.TrackingWriter`, so a
@@ -129,6 +132,7 @@ class MLflowCallback(Callback):
         self.run_id: str | None = None
         self._stage: StageStart | None = None
         self._history: dict[str, list[tuple[int, float]]] = {}
+        self._plotted_epoch: int | None = None  # the last epoch the PNG plots show
         self._last_step: dict[str, int] | None = {}
         self._divergence: Divergence | None = None
         self._monitor = None
@@ -138,7 +142,7 @@ class MLflowCallback(Callback):
     @_safe
     def on_stage_start(self, event: StageStart) -> None:
         self._stage = event
-        self._history, self._last_step, self._divergence = {}, {}, None
+        self._history, self._last_step, self._divergence, self._plotted_epoch = {}, {}, None, None
         params, truncated = self._params(event)
         tags = self._tags(event)
         if truncated:
@@ -181,7 +185,9 @@ class MLflowCallback(Callback):
             log.info("epoch %d: %d metric(s) already in run %s, not logged again",
                      event.epoch, len(event.metrics) - len(rows), self.run_id)
         sent = self.writer.log_batch(self.run_id, metrics=rows) if rows else False
-        self._plots(event)
+        last = self._stage is not None and event.epoch >= self._stage.epochs - 1
+        if event.panels or last:
+            self._plots(event.epoch, event)
         if sent and self.system_metrics and self._monitor_dead():
             self._start_monitor(resume=True)  # the server answered just now
 
@@ -210,7 +216,12 @@ class MLflowCallback(Callback):
     def on_stage_end(self, event: StageEnd) -> None:
         try:
             if self.run_id is not None:
-                self._end_run(event)
+                try:
+                    newest = max((step for points in self._history.values() for step, _ in points), default=None)
+                    if newest is not None and (self._plotted_epoch is None or newest > self._plotted_epoch):
+                        self._plots(newest, None)  # stopped early, or no panels since: the plots catch up
+                finally:
+                    self._end_run(event)
         finally:
             lost = self.writer.failures.take_summary()
             if lost:
@@ -357,8 +368,10 @@ class MLflowCallback(Callback):
         with tempfile.TemporaryDirectory(prefix="smartify-mlflow-") as tmp:
             self.writer.log_artifact(self.run_id, dump_yaml(config, Path(tmp) / name))
 
-    def _plots(self, event: EpochEnd) -> None:
+    def _plots(self, epoch: int, event: EpochEnd | None) -> None:
+        """Redraw the curves and schedules (history up to ``epoch``) and log ``event``'s panels, if any."""
         stage = self._stage
+        self._plotted_epoch = epoch
         folder = Path(stage.output_dir) / "plots" if stage else Path(tempfile.mkdtemp(prefix="smartify-plots-"))
         title = f"{stage.stage if stage else ''} (run {self.run_id})"
         try:
@@ -366,7 +379,7 @@ class MLflowCallback(Callback):
             self.writer.log_artifact(self.run_id, plots.plot_curves(curves, folder / "curves.png", title), "plots")
             self.writer.log_artifact(self.run_id, plots.plot_schedules(self._history, folder / "schedules.png", title=title),
                                      "plots")
-            if event.panels and event.epoch % self.panel_every == 0:
+            if event is not None and event.panels and event.epoch % self.panel_every == 0:
                 for panel in event.panels:  # one image series per slice: the run page's step slider is the epoch
                     name = re.sub(r"[^A-Za-z0-9_.\- ]", "_", panel.name)
                     path = plots.plot_panel([panel], folder / "panels" / f"{name}_epoch{event.epoch:04d}.png",
@@ -374,7 +387,7 @@ class MLflowCallback(Callback):
                     self.writer.log_image(self.run_id, path, f"{PANEL_KEY}/{name}", event.epoch)
         except (ValueError, OSError, RuntimeError) as exc:
             # A plot must never cost the training run; the error stays visible in the log.
-            log.error("epoch %d: plots not made: %s", event.epoch, exc)
+            log.error("epoch %d: plots not made: %s", epoch, exc)
 
     def _start_monitor(self, resume: bool) -> None:
         real = self.writer.resolve(self.run_id) if self.run_id else None

@@ -152,6 +152,25 @@ def test_stage_run_has_params_tags_metrics_artifacts_and_plots(stores, client, t
     assert spool_summary(stores.spool_dir) == {}
 
 
+def test_plots_are_redrawn_on_panel_epochs_and_when_the_stage_ends_early(stores, client, tmp_path):
+    cb = MLflowCallback(stores, experiment="unit", system_metrics=False)
+    cb.on_stage_start(stage_start(tmp_path, epochs=5))
+    run_id = cb.state_dict()["mlflow_run_id"]
+    curves = tmp_path / "plots" / "curves.png"
+    cb.on_epoch_end(epoch_end(0))
+    assert not curves.exists()  # no panels on this epoch: the training thread draws nothing
+    cb.on_epoch_end(epoch_end(1, panels=True))
+    after_panels = curves.read_bytes()
+    cb.on_epoch_end(epoch_end(2))
+    assert curves.read_bytes() == after_panels
+    cb.on_stage_end(stage_end(tmp_path, status="killed"))  # stopped after epoch 2 of 5
+    final = curves.read_bytes()
+    assert final != after_panels  # the end of the stage draws epoch 2 as well
+    logged = Path(client.download_artifacts(run_id, "plots/curves.png", str(tmp_path / "dl"))).read_bytes()
+    assert logged == final
+    assert "plots/schedules.png" in artifact_paths(client, run_id)
+
+
 def test_resume_reopens_the_run_without_duplicates_or_new_param_values(stores, client, tmp_path):
     cb = MLflowCallback(stores, experiment="unit", system_metrics=False)
     cb.on_stage_start(stage_start(tmp_path, epochs=5))
@@ -287,9 +306,9 @@ def test_unreachable_server_spools_without_blocking(tmp_path, monkeypatch):
     run_id = cb.state_dict()["mlflow_run_id"]
     assert is_placeholder(run_id)
     pending = spool_summary(stores.spool_dir)
-    # create_run, params, datasets, config, fingerprint, metric docs, 3 x (metrics, 2 plots, 2 checkpoints, best
-    # tags), panel image, end tags, end
-    assert pending == {run_id: 6 + 3 * 6 + 1 + 2}
+    # create_run, params, datasets, config, fingerprint, metric docs, 3 x (metrics, 2 checkpoints, best tags),
+    # 2 plots on the panel epoch and 2 after the last epoch, the panel image, end tags, end
+    assert pending == {run_id: 6 + 3 * 4 + 2 * 2 + 1 + 2}
     # superseded artifacts keep one spooled file per destination
     files = sorted(p.name.split("-", 1)[1] for p in (stores.spool_dir / f"{run_id}.files").iterdir())
     assert files == sorted(["config.yaml", "data_fingerprint.json", "metrics.md", "curves.png", "schedules.png",
