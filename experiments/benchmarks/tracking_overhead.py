@@ -10,7 +10,8 @@ epoch (target < 1 % at the ``small`` preset). The projection to full size assume
 grow with the data (scalars, fixed-size panels): cost / (``--full-epoch-s``, default 4,937 slices x 46 s, the
 quiet checkpointed CPU step of the smartify preset at 16 x 768 x 396 on 2 threads). Because whole epochs vary
 by several per cent on a shared machine, the tracked arm also reports the time its training thread spends
-inside the MLflow adapter's epoch and checkpoint hooks (the part tracking adds to the epoch synchronously).
+inside the MLflow adapter's epoch and checkpoint hooks (the part tracking adds to the epoch synchronously; the
+plots are drawn in the adapter's helper process, whose CPU time shows only in the tracked epoch itself).
 
 Usage::
 

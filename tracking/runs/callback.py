@@ -8,8 +8,10 @@ MLflow datasets (digest = the data fingerprint); environment, git and lineage as
 best/last checkpoints and plots as artifacts, reconstruction panels as image series with one step
 per epoch (``MlflowClient.log_image``). The PNG plots (``plots/curves.png``, ``plots/schedules.png``) are
 redrawn only on the epochs that carry panels (every ``train.panel_every`` epochs), after the stage's last epoch
-and when the stage ends with epochs they do not show yet: matplotlib takes about 1 s of the training thread
-per redraw, while the metrics themselves are logged every epoch and charted live by the MLflow UI. The run id is stored in every checkpoint
+and when the stage ends with epochs they do not show yet; the metrics themselves are logged every epoch and
+charted live by the MLflow UI. Figures are drawn in a helper process (:mod:`tracking.runs.renderer`, about
+1-2 s of matplotlib per redraw) and logged by the training thread at its next event; the end of the stage
+waits for them. The run id is stored in every checkpoint
 (:meth:`MLflowCallback.state_dict`), so ``--resume`` reopens the same run: steps the run already
 has are not logged again and params keep their first value (a changed one is listed in the tag
 ``resume.changed_params``). Every write goes through :class:`tracking.runs.writer.TrackingWriter`, so a
@@ -37,10 +39,11 @@ from typing import Any, Callable, TypeVar
 from recon.config import dump_yaml
 from recon.engine.memory_meter import METRIC_DOCS
 from recon.events import Callback, CheckpointSaved, Divergence, EpochEnd, StageEnd, StageStart
-from tracking.runs import RUN_ID_KEY, plots
+from tracking.runs import RUN_ID_KEY
 from tracking.runs.environment import environment_tags, git_state
 from tracking.runs.failures import first_line
 from tracking.runs.params import mlflow_key, param_value, stage_datasets, stage_params
+from tracking.runs.renderer import PlotJobs
 from tracking.runs.stores import Stores, resolve_stores
 from tracking.runs.transport import MAX_TAG_VALUE
 from tracking.runs.replay import CHANGED_PARAMS_TAG
@@ -133,6 +136,7 @@ class MLflowCallback(Callback):
         self._stage: StageStart | None = None
         self._history: dict[str, list[tuple[int, float]]] = {}
         self._plotted_epoch: int | None = None  # the last epoch the PNG plots show
+        self._figures = PlotJobs()
         self._last_step: dict[str, int] | None = {}
         self._divergence: Divergence | None = None
         self._monitor = None
@@ -166,6 +170,7 @@ class MLflowCallback(Callback):
     def on_epoch_end(self, event: EpochEnd) -> None:
         if self.run_id is None:
             return  # on_stage_start failed (and said so)
+        self._figures.collect()  # figures finished since the last event
         if self._last_step is None and self.writer.online:
             self._load_run_state()  # resumed while the server was down: learn what it already has
         timestamp = int(time.time() * 1000)
@@ -195,6 +200,7 @@ class MLflowCallback(Callback):
     def on_checkpoint(self, event: CheckpointSaved) -> None:
         if self.run_id is None:
             return
+        self._figures.collect()
         if self.artifact_checkpoints:
             self.writer.log_artifact(self.run_id, event.path, "checkpoints", name=f"{event.kind}.pt")
         if event.kind == "best":
@@ -220,6 +226,7 @@ class MLflowCallback(Callback):
                     newest = max((step for points in self._history.values() for step, _ in points), default=None)
                     if newest is not None and (self._plotted_epoch is None or newest > self._plotted_epoch):
                         self._plots(newest, None)  # stopped early, or no panels since: the plots catch up
+                    self.flush_plots()
                 finally:
                     self._end_run(event)
         finally:
@@ -248,6 +255,20 @@ class MLflowCallback(Callback):
         if left:
             log.warning("%d tracking record(s) of run %s are spooled in %s; run `smartify tracking sync` "
                         "when the server is back", left, self.run_id, self.writer.spool.dir)
+
+    def flush_plots(self, timeout: float | None = None) -> int:
+        """Wait for the figures asked for so far and log them (the stage's end does this).
+
+        Args:
+            timeout: seconds in all (default :data:`tracking.runs.renderer.END_TIMEOUT_S`); figures not drawn by
+                then are dropped with an error line.
+
+        Returns:
+            Figures dropped (0 when all were logged or failed with their own error line).
+        """
+        if timeout is None:
+            return self._figures.collect(wait=True)
+        return self._figures.collect(wait=True, timeout=timeout)
 
     @_safe
     def state_dict(self) -> dict[str, Any]:
@@ -369,22 +390,30 @@ class MLflowCallback(Callback):
             self.writer.log_artifact(self.run_id, dump_yaml(config, Path(tmp) / name))
 
     def _plots(self, epoch: int, event: EpochEnd | None) -> None:
-        """Redraw the curves and schedules (history up to ``epoch``) and log ``event``'s panels, if any."""
+        """Ask for the curves and schedules (history up to ``epoch``) and ``event``'s panels, if any."""
         stage = self._stage
         self._plotted_epoch = epoch
         folder = Path(stage.output_dir) / "plots" if stage else Path(tempfile.mkdtemp(prefix="smartify-plots-"))
         title = f"{stage.stage if stage else ''} (run {self.run_id})"
+        run_id = self.run_id
+
+        def artifact(png: Path) -> None:
+            self.writer.log_artifact(run_id, png, "plots")
+
         try:
-            curves = {k: v for k, v in self._history.items() if k.startswith(CURVE_PREFIXES)}
-            self.writer.log_artifact(self.run_id, plots.plot_curves(curves, folder / "curves.png", title), "plots")
-            self.writer.log_artifact(self.run_id, plots.plot_schedules(self._history, folder / "schedules.png", title=title),
-                                     "plots")
+            history = {k: list(v) for k, v in self._history.items()}
+            curves = {k: v for k, v in history.items() if k.startswith(CURVE_PREFIXES)}
+            self._figures.submit("curves", artifact, curves, folder / "curves.png", title)
+            self._figures.submit("schedules", artifact, history, folder / "schedules.png", title=title)
             if event is not None and event.panels and event.epoch % self.panel_every == 0:
                 for panel in event.panels:  # one image series per slice: the run page's step slider is the epoch
                     name = re.sub(r"[^A-Za-z0-9_.\- ]", "_", panel.name)
-                    path = plots.plot_panel([panel], folder / "panels" / f"{name}_epoch{event.epoch:04d}.png",
-                                            f"{stage.stage if stage else ''} epoch {event.epoch}")
-                    self.writer.log_image(self.run_id, path, f"{PANEL_KEY}/{name}", event.epoch)
+
+                    def image(png: Path, key: str = f"{PANEL_KEY}/{name}", step: int = event.epoch) -> None:
+                        self.writer.log_image(run_id, png, key, step)
+
+                    png = folder / "panels" / f"{name}_epoch{event.epoch:04d}.png"
+                    self._figures.submit("panel", image, [panel], png, f"{stage.stage if stage else ''} epoch {event.epoch}")
         except (ValueError, OSError, RuntimeError) as exc:
             # A plot must never cost the training run; the error stays visible in the log.
             log.error("epoch %d: plots not made: %s", epoch, exc)

@@ -158,10 +158,13 @@ def test_plots_are_redrawn_on_panel_epochs_and_when_the_stage_ends_early(stores,
     run_id = cb.state_dict()["mlflow_run_id"]
     curves = tmp_path / "plots" / "curves.png"
     cb.on_epoch_end(epoch_end(0))
-    assert not curves.exists()  # no panels on this epoch: the training thread draws nothing
+    assert cb.flush_plots() == 0 and not curves.exists()  # no panels on this epoch: nothing drawn
     cb.on_epoch_end(epoch_end(1, panels=True))
+    assert cb.flush_plots() == 0
     after_panels = curves.read_bytes()
+    assert "plots/curves.png" in artifact_paths(client, run_id)
     cb.on_epoch_end(epoch_end(2))
+    cb.flush_plots()
     assert curves.read_bytes() == after_panels
     cb.on_stage_end(stage_end(tmp_path, status="killed"))  # stopped after epoch 2 of 5
     final = curves.read_bytes()
@@ -169,6 +172,23 @@ def test_plots_are_redrawn_on_panel_epochs_and_when_the_stage_ends_early(stores,
     logged = Path(client.download_artifacts(run_id, "plots/curves.png", str(tmp_path / "dl"))).read_bytes()
     assert logged == final
     assert "plots/schedules.png" in artifact_paths(client, run_id)
+
+
+def test_a_figure_that_fails_in_the_helper_is_an_error_line_and_the_rest_is_logged(stores, client, tmp_path,
+                                                                                   caplog):
+    cb = MLflowCallback(stores, experiment="unit", system_metrics=False)
+    cb.on_stage_start(stage_start(tmp_path, epochs=1))
+    run_id = cb.state_dict()["mlflow_run_id"]
+    bad = Panel("brain_acc4_1.h5:3", np.zeros((16, 16)), np.zeros((8, 8)), np.zeros((16, 16)))
+    good = epoch_end(0)
+    with caplog.at_level("ERROR", logger="tracking.runs.renderer"):
+        cb.on_epoch_end(EpochEnd(epoch=0, metrics=good.metrics, panels=(bad,)))
+        cb.on_stage_end(stage_end(tmp_path))
+    assert any("plot panel not made" in r.getMessage() and "needs three 2-D arrays" in r.getMessage()
+               for r in caplog.records)
+    arts = artifact_paths(client, run_id)
+    assert {"plots/curves.png", "plots/schedules.png"} <= arts and not any(a.startswith("images/") for a in arts)
+    assert client.get_run(run_id).info.status == "FINISHED"
 
 
 def test_resume_reopens_the_run_without_duplicates_or_new_param_values(stores, client, tmp_path):
