@@ -1,63 +1,163 @@
 """Plots drawn in a helper process, so that the training thread never waits on matplotlib.
 
 Drawing the curves, schedules and a reconstruction panel takes about 1-2 s of pure-Python matplotlib per
-epoch; in the training thread that was nearly all of what tracking cost an epoch (``tracking_overhead.py``). A
+redraw; in the training thread that was nearly all of what tracking cost an epoch (``tracking_overhead.py``). A
 thread would not help: matplotlib holds the GIL, which the training thread needs between every two operators.
 
-:class:`PlotJobs` sends each figure to one helper process (``spawn``, shared by every callback of the
-process and started on the first figure) and gives the finished PNG back to the thread that asked for it, in
-the order asked, through :meth:`PlotJobs.collect`; the MLflow records are then written by that thread, so the
-tracking writer is never used from two threads. A figure that fails (bad data, the helper killed) is logged as
-an error and not retried; a dead helper is replaced, with an error line, on the next figure.
+:class:`PlotJobs` sends each figure to one helper process (``python -m tracking.runs.renderer``, shared by every
+callback of the process, started on the first figure, at a lower CPU priority) and gives the finished PNG back
+to the thread that asked for it, in the order asked, through :meth:`PlotJobs.collect`; the MLflow records are
+then written by that thread, so the tracking writer is never used from two threads. The helper is a plain
+subprocess rather than a ``multiprocessing`` one: ``spawn`` would re-import the user's main script in it
+(running a script without a ``__main__`` guard a second time) and ``fork`` would copy a process full of threads.
+
+Requests and answers are length-prefixed pickles on the helper's stdin and stdout: ``(id, kind, payload)`` and
+``(id, ok, PNG path or error text)``. A figure that fails (bad data, a full disk) is logged as an error and not
+retried; a dead helper fails the figures it had and is replaced, with an error line, on the next figure.
 """
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import logging
-import multiprocessing
+import os
 import pickle
+import queue
+import struct
+import subprocess
+import sys
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, Callable
-
-from tracking.runs import plots
+from typing import IO, Any, Callable
 
 log = logging.getLogger(__name__)
 
 #: how long the end of a stage waits for the figures it asked for
 END_TIMEOUT_S = 120.0
-
-_POOL: ProcessPoolExecutor | None = None
-_POOL_LOCK = threading.Lock()
-
-
-def _pool() -> ProcessPoolExecutor:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None:
-            _POOL = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
-        return _POOL
+#: the helper's ``nice`` increment: training threads win the CPU when both want it
+HELPER_NICE = 10
+KINDS = ("curves", "schedules", "panel")
+_HEADER = struct.Struct(">Q")
 
 
-def _replace_pool(broken: ProcessPoolExecutor) -> None:
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is broken:
-            _POOL = None
-    broken.shutdown(wait=False, cancel_futures=True)
+class HelperDied(RuntimeError):
+    """The helper process exited (killed, out of memory) before answering."""
 
 
-FIGURES: dict[str, Callable[..., Path]] = {"curves": plots.plot_curves, "schedules": plots.plot_schedules,
-                                           "panel": plots.plot_panel}
+class FigureFailed(RuntimeError):
+    """The figure's own function raised in the helper; the message is its one-line error."""
 
 
-def _draw(kind: str, payload: bytes) -> str:
-    """Runs in the helper: one figure of :mod:`tracking.runs.plots`, its PNG path."""
-    args, kwargs = pickle.loads(payload)
-    return str(FIGURES[kind](*args, **kwargs))
+def _write_frame(stream: IO[bytes], obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def _read_frame(stream: IO[bytes]) -> Any:
+    """The next object, or None at the end of the stream."""
+    header = stream.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        return None
+    (size,) = _HEADER.unpack(header)
+    data = stream.read(size)
+    if len(data) < size:
+        return None
+    return pickle.loads(data)
+
+
+class _Helper:
+    """The helper process and the two threads that feed it and read its answers."""
+
+    def __init__(self) -> None:
+        env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+                   PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.proc = subprocess.Popen([sys.executable, "-m", "tracking.runs.renderer"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=env)
+        self.dead: str | None = None
+        self._futures: dict[int, Future[str]] = {}
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._outbox: queue.SimpleQueue[tuple[int, str, bytes] | None] = queue.SimpleQueue()
+        threading.Thread(target=self._send, name="smartify-plots-send", daemon=True).start()
+        threading.Thread(target=self._receive, name="smartify-plots-receive", daemon=True).start()
+
+    def submit(self, kind: str, payload: bytes) -> Future[str]:
+        future: Future[str] = Future()
+        with self._lock:
+            if self.dead is not None:
+                raise HelperDied(self.dead)
+            job = next(self._ids)
+            self._futures[job] = future
+        self._outbox.put((job, kind, payload))
+        return future
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._outbox.put(None)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _send(self) -> None:
+        assert self.proc.stdin is not None
+        try:
+            while (item := self._outbox.get()) is not None:
+                _write_frame(self.proc.stdin, item)
+            self.proc.stdin.close()
+        except OSError as exc:  # the helper is gone; _receive reports it
+            log.debug("plot helper: send failed: %s", exc)
+
+    def _receive(self) -> None:
+        assert self.proc.stdout is not None
+        try:
+            while (answer := _read_frame(self.proc.stdout)) is not None:
+                job, ok, value = answer
+                with self._lock:
+                    future = self._futures.pop(job, None)
+                if future is None:
+                    continue
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(FigureFailed(value))
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+            log.debug("plot helper: receive failed: %s", exc)
+        code = self.proc.wait()
+        with self._lock:
+            self.dead = f"the plot helper process exited with code {code}"
+            pending, self._futures = list(self._futures.values()), {}
+        for future in pending:
+            future.set_exception(HelperDied(self.dead))
+
+
+_HELPER: _Helper | None = None
+_HELPER_LOCK = threading.Lock()
+
+
+def _submit(kind: str, payload: bytes) -> Future[str]:
+    global _HELPER
+    with _HELPER_LOCK:
+        if _HELPER is not None and _HELPER.dead is not None:
+            log.error("%s; starting a new one", _HELPER.dead)
+            _HELPER = None
+        if _HELPER is None:
+            _HELPER = _Helper()
+        helper = _HELPER
+    return helper.submit(kind, payload)
+
+
+@atexit.register
+def _close_helper() -> None:
+    with _HELPER_LOCK:
+        helper = _HELPER
+    if helper is not None and helper.dead is None:
+        helper.close()
 
 
 class PlotJobs:
@@ -67,20 +167,19 @@ class PlotJobs:
         self._pending: list[tuple[str, Future[str], Callable[[Path], None]]] = []
 
     def submit(self, kind: str, then: Callable[[Path], None], *args: Any, **kwargs: Any) -> None:
-        """Draw ``plots.plot_<kind>(*args, **kwargs)`` in the helper; ``then(png)`` runs in :meth:`collect`.
+        """Draw ``tracking.runs.plots.plot_<kind>(*args, **kwargs)`` in the helper; ``then(png)`` runs in
+        :meth:`collect`. The arguments are pickled now, so later changes to them do not reach the figure.
 
-        The arguments are pickled now, so later changes to them do not reach the figure.
+        Raises:
+            ValueError: an unknown ``kind``.
         """
-        if kind not in FIGURES:
-            raise ValueError(f"PlotJobs: unknown figure {kind!r} (expected one of {', '.join(FIGURES)})")
-        payload = pickle.dumps((args, kwargs))
-        pool = _pool()
+        if kind not in KINDS:
+            raise ValueError(f"PlotJobs: unknown figure {kind!r} (expected one of {', '.join(KINDS)})")
+        payload = pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
         try:
-            future = pool.submit(_draw, kind, payload)
-        except BrokenProcessPool as exc:
-            log.error("the plot helper process died (%s); starting a new one", exc)
-            _replace_pool(pool)
-            future = _pool().submit(_draw, kind, payload)
+            future = _submit(kind, payload)
+        except HelperDied:  # died between the check and the request: one more try with a new helper
+            future = _submit(kind, payload)
         self._pending.append((kind, future, then))
 
     def pending(self) -> int:
@@ -96,34 +195,62 @@ class PlotJobs:
             timeout: seconds, with ``wait``.
 
         Returns:
-            The number of figures still pending (0 after a successful ``wait``).
+            The number of figures still pending (0 after a ``wait`` that did not time out).
         """
         deadline = time.monotonic() + timeout
         while self._pending:
             kind, future, then = self._pending[0]
             if not future.done():
+                left = deadline - time.monotonic()
                 if not wait:
                     break
-                left = deadline - time.monotonic()
                 if left <= 0:
                     log.error("%d plot(s) not drawn within %.0f s; not logged", len(self._pending), timeout)
-                    for _, late, _ in self._pending:
-                        late.cancel()
                     self._pending.clear()
                     break
                 try:
-                    future.result(timeout=left)
-                except Exception:
-                    pass  # reported below
+                    future.exception(timeout=left)
+                except TimeoutError:
+                    pass
                 continue
             self._pending.pop(0)
             try:
                 png = Path(future.result())
-            except BrokenProcessPool as exc:
-                log.error("plot %s not made: the plot helper process died (%s)", kind, exc)
-                continue  # the next submit replaces the helper
-            except Exception as exc:  # the figure's own error (bad panel data, a full disk)
+            except (FigureFailed, HelperDied) as exc:
                 log.error("plot %s not made: %s", kind, exc)
                 continue
             then(png)
         return len(self._pending)
+
+
+def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
+    """The helper's loop: draw each requested figure and answer with its path or its error."""
+    from tracking.runs import plots
+
+    figures: dict[str, Callable[..., Path]] = {"curves": plots.plot_curves, "schedules": plots.plot_schedules,
+                                               "panel": plots.plot_panel}
+    while (request := _read_frame(requests)) is not None:
+        job, kind, payload = request
+        try:
+            args, kwargs = pickle.loads(payload)
+            answer = (job, True, str(figures[kind](*args, **kwargs)))
+        except Exception as exc:  # the figure's error goes back to the asking process
+            answer = (job, False, f"{type(exc).__name__}: {exc}")
+        _write_frame(answers, answer)
+
+
+def main() -> int:
+    """Entry point of the helper: the answers go to the real stdout; anything printed goes to stderr."""
+    answers = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # stray prints (C or Python) never corrupt the answer stream
+    sys.stdout = sys.stderr
+    try:
+        os.nice(HELPER_NICE)
+    except OSError:
+        pass  # not allowed here: same priority as training
+    serve(sys.stdin.buffer, answers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
