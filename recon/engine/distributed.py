@@ -294,8 +294,9 @@ def launch_local(
     The launcher binds the rendezvous store's socket on ``addr`` (loopback) and passes it to rank
     0, which serves the store on it (no port race, nothing listens beyond ``addr``). When a rank
     fails, the others are stopped (SIGTERM, SIGKILL after ``grace_s``) instead of waiting in a
-    collective until the timeout. Ctrl-C reaches the ranks directly (same process group); the
-    launcher then stops any rank left.
+    collective until the timeout. Ctrl-C reaches the ranks directly (same process group); on Ctrl-C,
+    or a ``KeyboardInterrupt`` subclass the caller raises for SIGTERM (``tracking.cli.Terminated``), the
+    launcher stops any rank left and re-raises, so the caller's exit code says which signal it was.
 
     Args:
         command: the program of every rank, e.g. ``[python, -m, tracking.cli, train, ...]``.
@@ -306,11 +307,12 @@ def launch_local(
         poll_s: seconds between checks of the ranks.
 
     Returns:
-        0 when every rank succeeded, else the exit code of the first rank that failed (130 on
-        Ctrl-C; a negative code is the signal that killed it).
+        0 when every rank succeeded, else the exit code of the first rank that failed (a negative code is
+        the signal that killed it).
 
     Raises:
         ValueError: ``nproc < 1`` or an empty command.
+        KeyboardInterrupt: interrupted while waiting, after every rank was stopped.
     """
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
@@ -350,4 +352,4 @@ def launch_local(
             time.sleep(poll_s)
     except KeyboardInterrupt:
         _stop(procs, grace_s)
-        return 130
+        raise

@@ -81,6 +81,30 @@ def test_sigterm_during_training_kills_the_run_and_keeps_the_checkpoints(tiny_da
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_nproc_launcher_stops_the_ranks_and_exits_143(tiny_data: Path, tmp_path: Path,
+                                                                     _isolated_tracking: Path) -> None:
+    out = tmp_path / "stage"
+    last = out / "checkpoints" / "last.pt"
+    proc, _, err = _start(["train", str(TINY / "hacker_baseline.yaml"), "--nproc", "2",
+                           "--set", f"data.root={tiny_data}", "--set", f"output.dir={out}", "--set", "train.epochs=200",
+                           "--set", "train.batch_size=1", *SLICES], tmp_path)
+    code = _terminate_when(proc, last.is_file, err)
+    stderr = err.read_text()
+    assert code == 143, stderr[-3000:]  # not 130: the launcher says which signal ended it
+    assert [line for line in stderr.splitlines() if line.startswith("smartify train: terminated (SIGTERM)")], \
+        stderr[-3000:]
+    launched = next(line for line in stderr.splitlines() if "launched 2 ranks (pids" in line)
+    pids = [int(x) for x in launched.split("(pids [", 1)[1].split("]", 1)[0].split(",")]
+    for pid in pids:  # stopped and reaped by the launcher before it exited
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    client = _client(_isolated_tracking)
+    (run,) = client.search_runs([client.get_experiment_by_name("smartify").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["smartify.stopped_by"] == "SIGTERM"
+    assert run.info.run_id == torch.load(last, weights_only=True)["tracking"]["mlflow_run_id"]
+
+
+@pytest.mark.slow
 def test_sigterm_in_a_tune_worker_fails_the_trial_and_kills_the_runs(tiny_data: Path, tmp_path: Path,
                                                                     _isolated_tracking: Path) -> None:
     data = yaml.safe_load((TINY / "tune.yaml").read_text())

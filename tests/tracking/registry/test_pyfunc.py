@@ -2,7 +2,8 @@
 
 ``mlflow.pyfunc.load_model`` (fresh process) against ``smartify reconstruct``; the signature and
 its enforcement; the logged model's links; pickled code refused by every loading path;
-``mlflow models serve`` answering one request; ``smartify tracking info``'s artifact root.
+``smartify models serve`` (``mlflow models serve``) answering one request; ``smartify models upgrade`` of a
+version registered before pyfunc models; ``smartify tracking info``'s artifact root.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import pytest
 import torch
 
 from recon.data.names import EXPERTS
-from recon.engine.checkpoint import save_checkpoint
+from recon.engine.checkpoint import Checkpoint, save_checkpoint
 from recon.errors import InputError
 from recon.models.experts import MixtureOfExperts
 from tests.services import free_port, wait_gone
 from tests.tracking.registry.test_registry import cli_env, save_tiny_checkpoint, tiny_config
-from tracking.registry.artifact import DESCRIPTION_FILE, WEIGHTS_FILE, file_sha256
+from tracking.registry.artifact import DESCRIPTION_FILE, WEIGHTS_FILE, export_version_files, file_sha256
 from tracking.registry.loader import load_version
 from tracking.registry.versions import register_stage
 from tracking.runs.stores import Stores, make_client
@@ -193,8 +194,8 @@ def test_tracking_info_shows_the_artifact_root_in_use(home: Path, stores: Stores
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_with_the_reconstruction(home: Path, stores: Stores, tiny_data: Path,
-                                                            champion) -> None:
+def test_smartify_models_serve_answers_with_the_reconstruction(home: Path, stores: Stores, tiny_data: Path,
+                                                              champion) -> None:
     import mlflow
 
     mlflow.set_tracking_uri(stores.tracking_uri)
@@ -205,10 +206,10 @@ def test_mlflow_models_serve_answers_with_the_reconstruction(home: Path, stores:
 
     port = free_port()
     log = open(home / "serve.log", "wb")
+    env = cli_env(home)  # the command itself puts this interpreter's scripts folder (uvicorn) on PATH
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/smartify-hacker@champion",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env=_env(home), start_new_session=True)
+        [sys.executable, "-m", "tracking.cli", "models", "serve", "smartify-hacker@champion", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -218,7 +219,7 @@ def test_mlflow_models_serve_answers_with_the_reconstruction(home: Path, stores:
                     if reply.status == 200:
                         break
             except OSError:
-                assert time.monotonic() < deadline, "mlflow models serve did not answer /ping"
+                assert time.monotonic() < deadline, "smartify models serve did not answer /ping"
                 time.sleep(0.5)
         body = json.dumps({"inputs": {k: v.tolist() for k, v in request.items()}, "params": params}).encode()
         post = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
@@ -237,3 +238,39 @@ def test_mlflow_models_serve_answers_with_the_reconstruction(home: Path, stores:
         log.close()
     assert answer.shape == expected.shape
     np.testing.assert_allclose(answer, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_models_upgrade_makes_an_old_version_load_as_pyfunc_with_the_champions_output(
+    tmp_path: Path, home: Path, stores: Stores, tiny_data: Path, champion
+) -> None:
+    import mlflow
+
+    # a version as registered before pyfunc models: the files under the run's artifacts, no MLmodel
+    client = make_client(stores)
+    checkpoint = Checkpoint.load(_moe_checkpoint(tmp_path / "hacker_moe" / "best.pt"))  # the champion's weights
+    description = export_version_files(checkpoint, tmp_path / "files")
+    run = client.create_run(client.get_experiment_by_name("smartify").experiment_id)
+    client.log_artifacts(run.info.run_id, str(tmp_path / "files"), "registry/smartify-old/v1")
+    client.create_registered_model("smartify-old")
+    client.create_model_version("smartify-old", f"{run.info.artifact_uri}/registry/smartify-old/v1",
+                                run.info.run_id, tags={"kind": "moe", "weights_sha256": description["weights_sha256"]})
+    mlflow.set_tracking_uri(stores.tracking_uri)
+    mlflow.set_registry_uri(stores.registry_uri)
+    with pytest.raises(Exception):
+        mlflow.pyfunc.load_model("models:/smartify-old/1")  # no MLmodel yet
+
+    def upgrade() -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tracking.cli", "models", "upgrade", "smartify-old", "1"],
+                              capture_output=True, text=True, env=cli_env(home), timeout=300)
+
+    first, second = upgrade(), upgrade()
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.strip().startswith("models:/smartify-old/1: added MLmodel (pyfunc")
+    assert second.returncode == 0 and second.stdout.strip() == "models:/smartify-old/1: already has an MLmodel"
+    request = _request(tiny_data / "leaderboard" / "acc8" / "kspace" / "knee_test2.h5")
+    params = {"anatomy": "knee", "crop": 64}
+    got = mlflow.pyfunc.load_model("models:/smartify-old/1").predict(request, params=params)
+    expected = mlflow.pyfunc.load_model("models:/smartify-hacker@champion").predict(request, params=params)
+    np.testing.assert_array_equal(got, expected)
+    assert float(np.abs(expected).max()) > 0
