@@ -24,6 +24,7 @@ import logging
 import os
 import pickle
 import queue
+import signal
 import struct
 import subprocess
 import sys
@@ -76,8 +77,10 @@ class _Helper:
     def __init__(self) -> None:
         env = dict(os.environ, MPLBACKEND="Agg", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
                    PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        # its own session: Ctrl-C and signals sent to the training's process group do not reach it; it ends
+        # when its stdin closes (this process exited or closed it)
         self.proc = subprocess.Popen([sys.executable, "-m", "tracking.runs.renderer"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env)
+                                     stdout=subprocess.PIPE, env=env, start_new_session=True)
         self.dead: str | None = None
         self._futures: dict[int, Future[str]] = {}
         self._lock = threading.Lock()
@@ -244,6 +247,7 @@ def main() -> int:
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints (C or Python) never corrupt the answer stream
     sys.stdout = sys.stderr
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the end of stdin, not an interrupt, ends the helper
     try:
         os.nice(HELPER_NICE)
     except OSError:
