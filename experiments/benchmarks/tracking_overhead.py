@@ -49,12 +49,12 @@ def helper_cpu_s() -> float:
     """CPU seconds (user + system) of the plot helper process so far; 0 before it starts."""
     import psutil
 
-    from tracking.runs import renderer
+    from tracking.runs.renderer import helper_pid
 
-    helper = renderer._HELPER
-    if helper is None or helper.proc.poll() is not None:
+    pid = helper_pid()
+    if pid is None:
         return 0.0
-    times = psutil.Process(helper.proc.pid).cpu_times()
+    times = psutil.Process(pid).cpu_times()
     return times.user + times.system
 
 

@@ -43,7 +43,7 @@ from tracking.runs import RUN_ID_KEY
 from tracking.runs.environment import environment_tags, git_state
 from tracking.runs.failures import first_line
 from tracking.runs.params import mlflow_key, param_value, stage_datasets, stage_params
-from tracking.runs.renderer import PlotJobs
+from tracking.runs.renderer import END_TIMEOUT_S, PlotJobs
 from tracking.runs.stores import Stores, resolve_stores
 from tracking.runs.transport import MAX_TAG_VALUE
 from tracking.runs.replay import CHANGED_PARAMS_TAG
@@ -256,18 +256,15 @@ class MLflowCallback(Callback):
             log.warning("%d tracking record(s) of run %s are spooled in %s; run `smartify tracking sync` "
                         "when the server is back", left, self.run_id, self.writer.spool.dir)
 
-    def flush_plots(self, timeout: float | None = None) -> int:
+    def flush_plots(self, timeout: float = END_TIMEOUT_S) -> int:
         """Wait for the figures asked for so far and log them (the stage's end does this).
 
         Args:
-            timeout: seconds in all (default :data:`tracking.runs.renderer.END_TIMEOUT_S`); figures not drawn by
-                then are dropped with an error line.
+            timeout: seconds in all; figures not drawn by then are dropped with an error line.
 
         Returns:
             Figures dropped (0 when all were logged or failed with their own error line).
         """
-        if timeout is None:
-            return self._figures.collect(wait=True)
         return self._figures.collect(wait=True, timeout=timeout)
 
     @_safe
@@ -401,10 +398,10 @@ class MLflowCallback(Callback):
             self.writer.log_artifact(run_id, png, "plots")
 
         try:
-            history = {k: list(v) for k, v in self._history.items()}
-            curves = {k: v for k, v in history.items() if k.startswith(CURVE_PREFIXES)}
+            # submit pickles its arguments at once: the history may grow afterwards
+            curves = {k: v for k, v in self._history.items() if k.startswith(CURVE_PREFIXES)}
             self._figures.submit("curves", artifact, curves, folder / "curves.png", title)
-            self._figures.submit("schedules", artifact, history, folder / "schedules.png", title=title)
+            self._figures.submit("schedules", artifact, self._history, folder / "schedules.png", title=title)
             if event is not None and event.panels and event.epoch % self.panel_every == 0:
                 for panel in event.panels:  # one image series per slice: the run page's step slider is the epoch
                     name = re.sub(r"[^A-Za-z0-9_.\- ]", "_", panel.name)

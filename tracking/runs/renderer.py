@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 END_TIMEOUT_S = 120.0
 #: the helper's ``nice`` increment: training threads win the CPU when both want it
 HELPER_NICE = 10
-KINDS = ("curves", "schedules", "panel")
+#: figure kind -> its function in :mod:`tracking.runs.plots` (looked up in the helper, which alone imports it)
+FIGURES = {"curves": "plot_curves", "schedules": "plot_schedules", "panel": "plot_panel"}
 _HEADER = struct.Struct(">Q")
 
 
@@ -155,6 +156,13 @@ def _submit(kind: str, payload: bytes) -> Future[str]:
     return helper.submit(kind, payload)
 
 
+def helper_pid() -> int | None:
+    """The process id of the running plot helper, or None (not started yet, or dead)."""
+    with _HELPER_LOCK:
+        helper = _HELPER
+    return helper.proc.pid if helper is not None and helper.dead is None and helper.proc.poll() is None else None
+
+
 @atexit.register
 def _close_helper() -> None:
     with _HELPER_LOCK:
@@ -176,8 +184,8 @@ class PlotJobs:
         Raises:
             ValueError: an unknown ``kind``.
         """
-        if kind not in KINDS:
-            raise ValueError(f"PlotJobs: unknown figure {kind!r} (expected one of {', '.join(KINDS)})")
+        if kind not in FIGURES:
+            raise ValueError(f"PlotJobs: unknown figure {kind!r} (expected one of {', '.join(FIGURES)})")
         payload = pickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
         try:
             future = _submit(kind, payload)
@@ -198,19 +206,21 @@ class PlotJobs:
             timeout: seconds, with ``wait``.
 
         Returns:
-            The number of figures still pending (0 after a ``wait`` that did not time out).
+            Without ``wait``, the figures still being drawn; with it, the figures dropped because they were not
+            drawn within ``timeout`` (0 when every one was logged or failed with its own error line).
         """
         deadline = time.monotonic() + timeout
         while self._pending:
             kind, future, then = self._pending[0]
             if not future.done():
-                left = deadline - time.monotonic()
                 if not wait:
                     break
+                left = deadline - time.monotonic()
                 if left <= 0:
-                    log.error("%d plot(s) not drawn within %.0f s; not logged", len(self._pending), timeout)
+                    dropped = len(self._pending)
+                    log.error("%d plot(s) not drawn within %.0f s; not logged", dropped, timeout)
                     self._pending.clear()
-                    break
+                    return dropped
                 try:
                     future.exception(timeout=left)
                 except TimeoutError:
@@ -230,8 +240,7 @@ def serve(requests: IO[bytes], answers: IO[bytes]) -> None:
     """The helper's loop: draw each requested figure and answer with its path or its error."""
     from tracking.runs import plots
 
-    figures: dict[str, Callable[..., Path]] = {"curves": plots.plot_curves, "schedules": plots.plot_schedules,
-                                               "panel": plots.plot_panel}
+    figures: dict[str, Callable[..., Path]] = {kind: getattr(plots, name) for kind, name in FIGURES.items()}
     while (request := _read_frame(requests)) is not None:
         job, kind, payload = request
         try:
