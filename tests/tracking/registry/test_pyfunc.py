@@ -257,7 +257,9 @@ def test_models_upgrade_makes_an_old_version_load_as_pyfunc_with_the_champions_o
                                 run.info.run_id, tags={"kind": "moe", "weights_sha256": description["weights_sha256"]})
     mlflow.set_tracking_uri(stores.tracking_uri)
     mlflow.set_registry_uri(stores.registry_uri)
-    with pytest.raises(Exception):
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match='Could not find an "MLmodel"'):
         mlflow.pyfunc.load_model("models:/smartify-old/1")  # no MLmodel yet
 
     def upgrade() -> subprocess.CompletedProcess:
